@@ -1,0 +1,1 @@
+"""Command-line interface: ``modalseg <command>``. One module per command."""

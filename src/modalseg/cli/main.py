@@ -1,0 +1,57 @@
+"""Entry point of the ``modalseg`` command.
+
+Each sub-command lives in ``modalseg/cli/<name>.py`` and exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. User-facing errors (:class:`ModalsegError`) are
+printed as one line on stderr with a non-zero exit; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from modalseg import __version__
+from modalseg.errors import ModalsegError
+
+COMMANDS = ["synth", "verify", "train", "evaluate", "predict", "experiment", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modalseg",
+        description="Multi-modal medical image segmentation: paired fusion and unpaired learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"modalseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"modalseg.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"modalseg.cli.{name}":
+                continue
+            raise
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args._run(args) or 0)
+    except ModalsegError as err:
+        print(f"modalseg {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"modalseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

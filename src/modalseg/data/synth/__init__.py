@@ -1,0 +1,1 @@
+"""Deterministic synthetic datasets (no download): paired breast-like and unpaired cardiac-like."""

@@ -1,0 +1,1 @@
+"""modalseg.experiments"""
