@@ -1,0 +1,395 @@
+"""Read and write image volumes with their geometry (NIfTI via nibabel, NRRD/MetaImage via SimpleITK).
+
+Conventions (see :class:`modalseg.data.types.Volume`):
+
+* ``array`` is in the file's voxel order (i, j, k), i.e. nibabel's order. SimpleITK's
+  ``GetArrayFromImage`` returns (z, y, x); it is transposed to (x, y, z) here so that every format
+  gives the same array for the same image.
+* ``affine`` maps voxel indices to RAS+ world coordinates in mm. ITK geometry is LPS, so the affine
+  built from SimpleITK's origin/spacing/direction has its first two rows negated.
+* ``meta`` keeps what :func:`write_volume` needs to reproduce the source geometry exactly:
+  ``format`` ("nifti" or "itk"), and the NIfTI header (``header``, ``qform_code``, ``sform_code``)
+  or the ITK ``origin``, ``spacing`` and ``direction`` (3D, row-major 3x3).
+
+``kind="image"`` gives float32 (NIfTI ``scl_slope``/``scl_inter`` applied); ``kind="label"`` gives
+int32 and rejects files whose values are not integers. 2D files become one slice ``(X, Y, 1)``;
+trailing singleton dimensions beyond the third are squeezed; real 4D data is an error, because every
+consumer of this module expects one 3D volume per file (one file per modality, as in nnU-Net).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from modalseg.data.types import Volume
+from modalseg.errors import DataError, OutputError
+from modalseg.utils.atomic import atomic_path
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+ITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
+# Longest first so that ".nii.gz" wins over ".nii"-like matches.
+SUPPORTED_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_DETACHED = (".nhdr", ".mhd")  # header + separate data file
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _extension(path: str | Path) -> str | None:
+    name = str(path).lower()
+    for ext in SUPPORTED_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return None
+
+
+def strip_extension(name: str | Path) -> str:
+    """``"case_0000.nii.gz"`` -> ``"case_0000"``. Only a supported extension (or, failing that, the
+    last suffix) is removed, so dots inside a case identifier survive."""
+    text = str(name)
+    ext = _extension(text)
+    if ext is not None:
+        return text[: -len(ext)]
+    suffix = Path(text).suffix
+    return text[: -len(suffix)] if suffix else text
+
+
+def is_supported(path: str | Path) -> bool:
+    """Whether ``path`` has one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive)."""
+    return _extension(path) is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_volume(path: str | Path, *, kind: str = "image") -> Volume:
+    """Read one 3D volume (``kind`` "image" -> float32, "label" -> int32) with its RAS affine.
+
+    Raises :class:`DataError` (one line naming the file) for a missing, unsupported, corrupt, empty,
+    4D or, for labels, non-integer file.
+    """
+    if kind not in ("image", "label"):
+        raise ValueError(f"kind must be 'image' or 'label', not {kind!r}")
+    path = Path(path)
+    ext = _extension(path)
+    if ext is None:
+        raise DataError(f"unsupported file type (supported: {', '.join(SUPPORTED_EXTENSIONS)})", path)
+    if not path.exists():
+        raise DataError("file not found", path)
+    if not path.is_file():
+        raise DataError("not a file", path)
+    if ext in NIFTI_EXTENSIONS:
+        data, affine, meta = _read_nifti(path, kind)
+    else:
+        data, affine, meta = _read_itk(path)
+    data = _to_3d(data, path)
+    if data.size == 0:
+        raise DataError(f"zero-size volume (shape {tuple(data.shape)})", path)
+    array = _convert(data, kind, path)
+    return Volume(array=array, affine=affine, path=path, meta=meta)
+
+
+def _corrupt(path: Path, exc: BaseException) -> DataError:
+    detail = str(exc).splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+    # SimpleITK messages are long multi-line ITK exception dumps; keep the last informative part.
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    return DataError(f"cannot read (truncated or corrupt file: {detail})", path)
+
+
+def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise DataError(f"not a NIfTI file ({type(img).__name__})", path)
+        if kind == "image":
+            # get_fdata applies scl_slope/scl_inter; float32 is enough for intensities and safe for
+            # every integer type up to 2**24 (larger values are rounded, never wrapped).
+            data = _fdata(img, path)
+        else:
+            data = np.asanyarray(img.dataobj)  # scaled only if the header asks for it
+        affine = np.asarray(img.affine, dtype=np.float64)
+        header = img.header.copy()
+    except DataError:
+        raise
+    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+        raise _corrupt(path, exc) from None
+    qform_code = int(header["qform_code"])
+    sform_code = int(header["sform_code"])
+    meta = {"format": "nifti", "header": header, "qform_code": qform_code, "sform_code": sform_code}
+    return data, affine, meta
+
+
+def _fdata(img, path: Path) -> np.ndarray:
+    raw_dtype = img.get_data_dtype()
+    if np.issubdtype(raw_dtype, np.floating) and raw_dtype.itemsize > 4:
+        data = img.get_fdata(dtype=np.float64)
+        _check_float32_range(data, path)
+        return data.astype(np.float32)
+    return img.get_fdata(dtype=np.float32)
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+        data = sitk.GetArrayFromImage(img)
+    except RuntimeError as exc:
+        raise _corrupt(path, _itk_message(exc)) from None
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            f"{img.GetNumberOfComponentsPerPixel()}-component (vector/RGB) image where a scalar volume "
+            "is expected",
+            path,
+        )
+    dim = img.GetDimension()
+    # GetArrayFromImage is (..., z, y, x): reverse the axes to (x, y, z, ...).
+    data = np.ascontiguousarray(np.transpose(data, tuple(range(data.ndim - 1, -1, -1))))
+    spacing = np.ones(3)
+    origin = np.zeros(3)
+    direction = np.eye(3)
+    n = min(dim, 3)
+    spacing[:n] = img.GetSpacing()[:n]
+    origin[:n] = img.GetOrigin()[:n]
+    full_dir = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    direction[:n, :n] = full_dir[:n, :n]
+    affine = _affine_from_itk(origin, spacing, direction)
+    meta = {
+        "format": "itk",
+        "origin": tuple(float(v) for v in origin),
+        "spacing": tuple(float(v) for v in spacing),
+        "direction": tuple(float(v) for v in direction.ravel()),
+        "pixel_type": img.GetPixelIDTypeAsString(),
+    }
+    return data, affine, meta
+
+
+def _itk_message(exc: RuntimeError) -> Exception:
+    """The informative line of an ITK exception dump (skipping the source location and a stale errno)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception thrown", "Reason:"))]
+    text = useful[-1] if useful else "SimpleITK could not read the file"
+    text = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-fA-F]+\): ", "", text)
+    return RuntimeError(text)
+
+
+def _affine_from_itk(origin: np.ndarray, spacing: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """ITK (LPS) origin/spacing/direction -> 4x4 RAS affine."""
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ (direction @ np.diag(spacing))
+    affine[:3, 3] = _LPS_TO_RAS @ origin
+    return affine
+
+
+def _itk_from_affine(affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4x4 RAS affine -> ITK (LPS) origin, spacing, direction (columns normalised)."""
+    lps = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    if np.any(spacing == 0):
+        raise ValueError(f"degenerate affine (zero-length column): {affine.tolist()}")
+    direction = lps / spacing
+    origin = _LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)[:3, 3]
+    return origin, spacing, direction
+
+
+def _to_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim < 2:
+        raise DataError(f"{data.ndim}D data (shape {tuple(data.shape)}) where a 3D volume is expected", path)
+    if data.ndim == 2:
+        return data[:, :, np.newaxis]
+    shape = tuple(data.shape)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise DataError(f"{len(shape)}D image (shape {shape}) where a 3D volume is expected", path)
+    return data
+
+
+def _check_float32_range(data: np.ndarray, path: Path) -> None:
+    finite = data[np.isfinite(data)]
+    if finite.size and float(np.abs(finite).max()) > _F32_MAX:
+        raise DataError("intensities exceed the float32 range", path)
+
+
+def _convert(data: np.ndarray, kind: str, path: Path) -> np.ndarray:
+    data = np.asarray(data)
+    if kind == "image":
+        if data.dtype == np.float32:
+            return np.ascontiguousarray(data)
+        if data.dtype.kind == "b":
+            return data.astype(np.float32)
+        if data.dtype.kind == "f" and data.dtype.itemsize > 4:
+            _check_float32_range(data, path)
+        if data.dtype.kind not in "biuf":
+            raise DataError(f"unsupported voxel type {data.dtype}", path)
+        # Converting from the integer value itself (not a wrapped intermediate) can never overflow.
+        return data.astype(np.float32)
+    # labels
+    if data.dtype.kind == "b":
+        return data.astype(np.int32)
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            raise DataError(f"label file has {int((~finite).sum())} NaN/inf voxels", path)
+        frac = data != np.round(data)
+        if frac.any():
+            examples = ", ".join(f"{v:g}" for v in np.unique(data[frac])[:3])
+            raise DataError(f"label file has non-integer values (e.g. {examples})", path)
+    elif data.dtype.kind not in "iu":
+        raise DataError(f"unsupported voxel type {data.dtype} for a label file", path)
+    info = np.iinfo(np.int32)
+    lo, hi = data.min(), data.max()
+    if lo < info.min or hi > info.max:
+        raise DataError(f"label values out of the int32 range ({lo}..{hi})", path)
+    return data.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _default_dtype(array: np.ndarray) -> np.dtype:
+    """Smallest safe on-disk type: integer data (labels) -> uint8 / int16 / int32 as the values fit;
+    bool -> uint8; float16 -> float32; other floats unchanged."""
+    if array.dtype.kind == "b":
+        return np.dtype(np.uint8)
+    if array.dtype.kind in "iu":
+        if array.size == 0:
+            return np.dtype(np.uint8)
+        lo, hi = int(array.min()), int(array.max())
+        for cand in (np.uint8, np.int16, np.int32):
+            info = np.iinfo(cand)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(cand)
+        return np.dtype(np.int64)
+    if array.dtype.kind == "f":
+        return np.dtype(np.float32) if array.dtype.itemsize < 4 else array.dtype
+    raise ValueError(f"cannot write arrays of type {array.dtype}")
+
+
+def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast without silent wrap-around or truncation (ValueError instead)."""
+    if array.dtype == dtype:
+        return array
+    if dtype.kind in "iu":
+        if array.dtype.kind == "f":
+            if not np.isfinite(array).all() or np.any(array != np.round(array)):
+                raise ValueError(f"cannot write non-integer values as {dtype}")
+        if array.size:
+            info = np.iinfo(dtype)
+            lo, hi = array.min(), array.max()
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"values {lo}..{hi} do not fit in {dtype}")
+    return array.astype(dtype)
+
+
+def write_volume(path: str | Path, array: np.ndarray, reference: Volume, *, dtype=None) -> None:
+    """Write ``array`` with ``reference``'s geometry; the format follows ``path``'s extension.
+
+    The output is written atomically. A NIfTI output keeps the reference header's qform/sform codes (a
+    reference from NRRD/MetaImage gets code 1, scanner); an NRRD/MetaImage output reuses the reference's
+    ITK origin/spacing/direction when it has them, else derives them from the affine. ``dtype=None``
+    picks the smallest safe type (labels: uint8, then int16, ...); no intensity scaling is written.
+
+    Raises ``ValueError`` for a shape mismatch or values that do not fit ``dtype`` (programming errors),
+    :class:`OutputError` for an unsupported extension or an unwritable location.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if tuple(array.shape) != tuple(reference.array.shape):
+        raise ValueError(f"array shape {tuple(array.shape)} differs from the reference {reference.shape}")
+    ext = _extension(path)
+    if ext is None:
+        raise OutputError(
+            f"unsupported output file type (supported: {', '.join(SUPPORTED_EXTENSIONS)})", path
+        )
+    out_dtype = np.dtype(dtype) if dtype is not None else _default_dtype(array)
+    data = _cast(array, out_dtype)
+    if ext in NIFTI_EXTENSIONS:
+        _write_nifti(path, data, reference)
+    else:
+        _write_itk(path, data, reference, ext)
+
+
+def _write_nifti(path: Path, data: np.ndarray, reference: Volume) -> None:
+    import nibabel as nib
+
+    affine = np.asarray(reference.affine, dtype=np.float64)
+    meta = reference.meta or {}
+    if meta.get("format") == "nifti" and meta.get("header") is not None:
+        header = meta["header"].copy()
+        qcode, scode = int(meta.get("qform_code", 1)), int(meta.get("sform_code", 1))
+    else:
+        header, qcode, scode = None, 1, 1
+    if isinstance(header, nib.Nifti2Header):
+        img = nib.Nifti2Image(data, affine, header=header)
+    else:
+        img = nib.Nifti1Image(data, affine, header=header)
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(np.nan, np.nan)  # data are written as they are, never rescaled
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    if qcode == 0 and scode == 0:
+        # The reference had no orientation (fallback affine from pixdim): keep it that way.
+        img.set_qform(affine, code=0)
+        img.set_sform(affine, code=0)
+        img.header.set_zooms(reference.spacing[: len(img.header.get_zooms())])
+    else:
+        img.set_qform(affine, code=qcode)
+        img.set_sform(affine, code=scode)
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def _write_itk(path: Path, data: np.ndarray, reference: Volume, ext: str) -> None:
+    import SimpleITK as sitk
+
+    meta = reference.meta or {}
+    if meta.get("format") == "itk" and {"origin", "spacing", "direction"} <= set(meta):
+        origin = np.asarray(meta["origin"], dtype=np.float64)
+        spacing = np.asarray(meta["spacing"], dtype=np.float64)
+        direction = np.asarray(meta["direction"], dtype=np.float64).reshape(3, 3)
+    else:
+        origin, spacing, direction = _itk_from_affine(reference.affine)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    img.SetOrigin(tuple(float(v) for v in origin))
+    img.SetSpacing(tuple(float(v) for v in spacing))
+    img.SetDirection(tuple(float(v) for v in direction.ravel()))
+    try:
+        if ext in _DETACHED:
+            _write_detached(path, img)
+        else:
+            with atomic_path(path) as tmp:
+                sitk.WriteImage(img, str(tmp), True)
+    except RuntimeError as exc:
+        raise OutputError(f"cannot write ({_itk_message(exc)})", path) from None
+
+
+def _write_detached(path: Path, img) -> None:
+    """Header + data file (.nhdr/.mhd): the header names its data file, so write both under their
+    final names in a private temporary folder, then move the data file and finally the header."""
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        sitk.WriteImage(img, str(tmpdir / path.name), True)
+        produced = sorted(tmpdir.iterdir(), key=lambda p: p.name == path.name)  # header last
+        for item in produced:
+            with open(item, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

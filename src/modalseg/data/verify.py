@@ -1,0 +1,244 @@
+"""Dataset integrity check: every file of a :class:`DatasetSpec` is read once and checked.
+
+Training on a dataset with a misaligned modality, a label file of the wrong size or a stray label
+value fails late (or, worse, silently learns the wrong thing). :func:`verify_dataset` reads every
+declared file once and collects *all* problems, each as ``"PATH: problem"``, so that a user can fix
+them in one pass:
+
+* a declared file (modality image or training label) is missing or unreadable;
+* within a paired case, a modality's shape, spacing (relative tolerance) or orientation (direction
+  cosines, absolute tolerance) differs from channel 0;
+* a label's shape, spacing or orientation differs from its image;
+* label values outside the declared values and ``labels_to_background``;
+* NaN/inf voxels; a constant (empty) image.
+
+Warnings (not problems): spacing anisotropy above ``max_anisotropy``, origins of paired modalities
+that differ by more than half a voxel, declared classes that no label file contains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from modalseg.data.io import read_volume
+from modalseg.data.types import DatasetSpec, Volume
+from modalseg.errors import DataError
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify_dataset`. ``problems`` make the dataset unusable; ``warnings`` do not."""
+
+    num_cases: int
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    modalities: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    shape_min: tuple[int, ...] | None = None
+    shape_max: tuple[int, ...] | None = None
+    spacing_min: tuple[float, ...] | None = None
+    spacing_max: tuple[float, ...] | None = None
+    label_values: list[int] = field(default_factory=list)
+    cases_per_modality: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary_lines(self) -> list[str]:
+        """Human-readable summary (used by ``modalseg verify``)."""
+
+        def fmt(values: tuple | None, spec: str) -> str:
+            return "?" if values is None else "(" + ", ".join(format(v, spec) for v in values) + ")"
+
+        lines = [f"cases: {self.num_cases}"]
+        if self.cases_per_modality:
+            per = ", ".join(f"{m} {n}" for m, n in self.cases_per_modality.items())
+            lines.append(f"modalities: {', '.join(self.modalities)} (unpaired: {per})")
+        else:
+            lines.append(f"modalities: {', '.join(self.modalities)} (paired)")
+        lines.append(f"classes: {len(self.class_names)} ({', '.join(self.class_names)})")
+        lines.append(f"shape: {fmt(self.shape_min, 'd')} .. {fmt(self.shape_max, 'd')}")
+        lines.append(f"spacing (mm): {fmt(self.spacing_min, '.4g')} .. {fmt(self.spacing_max, '.4g')}")
+        if self.label_values:
+            lines.append(f"label values found: {', '.join(str(v) for v in self.label_values)}")
+        return lines
+
+
+def _fmt_tuple(values: tuple, spec: str = ".4g") -> str:
+    return "(" + ", ".join(format(v, spec) for v in values) + ")"
+
+
+def _direction(volume: Volume) -> np.ndarray:
+    m = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    norms[norms == 0] = 1.0
+    return m / norms
+
+
+def _compare_geometry(
+    vol: Volume,
+    ref: Volume,
+    what: str,
+    ref_name: str,
+    spacing_tol: float,
+    direction_tol: float,
+) -> list[str]:
+    """Problems of ``vol`` against ``ref`` (shape, spacing, orientation)."""
+    out = []
+    if vol.shape != ref.shape:
+        out.append(f"{vol.path}: {what} shape {vol.shape} differs from {ref_name} {ref.path} {ref.shape}")
+    sp, sp0 = np.asarray(vol.spacing), np.asarray(ref.spacing)
+    if np.any(np.abs(sp - sp0) > spacing_tol * np.maximum(np.abs(sp0), 1e-12)):
+        out.append(
+            f"{vol.path}: {what} spacing {_fmt_tuple(tuple(sp))} differs from {ref_name} {ref.path} "
+            f"{_fmt_tuple(tuple(sp0))}"
+        )
+    d, d0 = _direction(vol), _direction(ref)
+    diff = float(np.max(np.abs(d - d0)))
+    if diff > direction_tol:
+        codes, codes0 = _axcodes(vol), _axcodes(ref)
+        if codes != codes0:
+            detail, detail0 = codes, codes0
+        else:  # same nearest axes: an oblique difference, show the cosines
+            detail = _fmt_tuple(tuple(np.round(d, 4).ravel()), ".4g")
+            detail0 = _fmt_tuple(tuple(np.round(d0, 4).ravel()), ".4g")
+        out.append(
+            f"{vol.path}: {what} orientation {detail} differs from {ref_name} {ref.path} {detail0} "
+            f"(direction cosines differ by up to {diff:.3g})"
+        )
+    return out
+
+
+def _axcodes(volume: Volume) -> str:
+    from nibabel.orientations import aff2axcodes
+
+    return "".join(str(c) for c in aff2axcodes(volume.affine))
+
+
+def _read(path: Path, kind: str, problems: list[str], what: str) -> Volume | None:
+    if not path.exists():
+        problems.append(f"{path}: {what} file not found")
+        return None
+    try:
+        return read_volume(path, kind=kind)
+    except DataError as err:
+        problems.append(str(err))
+        return None
+
+
+def verify_dataset(
+    spec: DatasetSpec,
+    *,
+    spacing_tol: float = 1e-3,
+    direction_tol: float = 1e-3,
+    max_anisotropy: float = 20.0,
+) -> VerifyReport:
+    """Read every file of ``spec`` once and collect all problems and warnings (see module docstring).
+
+    ``spacing_tol`` is relative (``|s - s0| <= tol * s0`` per axis); ``direction_tol`` is absolute on the
+    direction cosines (unit columns of the affine).
+    """
+    report = VerifyReport(
+        num_cases=len(spec.cases), modalities=list(spec.modalities), class_names=spec.class_names
+    )
+    if not spec.paired:
+        report.cases_per_modality = {m: len(spec.cases_of(m)) for m in spec.modalities}
+    if not spec.cases:
+        report.problems.append(f"{spec.root}: no cases found ({spec.layout} layout)")
+        return report
+    problems, warnings = report.problems, report.warnings
+    allowed = set(spec.labels.values()) | set(spec.labels_to_background)
+    allowed_text = ", ".join(str(v) for v in sorted(allowed))
+    found_values: set[int] = set()
+    shapes: list[tuple[int, ...]] = []
+    spacings: list[tuple[float, ...]] = []
+
+    for case in spec.cases:
+        names = [case.modality] if not spec.paired and case.modality else list(spec.modalities)
+        if spec.paired and len(case.images) != len(spec.modalities):
+            problems.append(
+                f"{spec.root}: case {case.case_id} has {len(case.images)} image(s), expected "
+                f"{len(spec.modalities)} ({', '.join(spec.modalities)})"
+            )
+        ref: Volume | None = None
+        for index, path in enumerate(case.images):
+            name = names[index] if index < len(names) else f"channel {index}"
+            vol = _read(Path(path), "image", problems, f"{name} image of case {case.case_id}:")
+            if vol is None:
+                continue
+            _check_intensities(vol, problems)
+            if index == 0:
+                ref = vol
+                shapes.append(vol.shape)
+                spacings.append(vol.spacing)
+                sp = np.asarray(vol.spacing)
+                if sp.min() > 0 and sp.max() / sp.min() > max_anisotropy:
+                    warnings.append(
+                        f"{vol.path}: spacing {_fmt_tuple(vol.spacing)} is anisotropic "
+                        f"(ratio {sp.max() / sp.min():.1f} > {max_anisotropy:g})"
+                    )
+            elif ref is not None:
+                problems.extend(_compare_geometry(vol, ref, name, f"{names[0]}", spacing_tol, direction_tol))
+                shift = float(np.linalg.norm(vol.affine[:3, 3] - ref.affine[:3, 3]))
+                if shift > 0.5 * min(ref.spacing):
+                    warnings.append(
+                        f"{vol.path}: origin differs from {ref.path} by {shift:.3g} mm "
+                        "(more than half a voxel)"
+                    )
+        if case.label is None:
+            continue
+        label = _read(Path(case.label), "label", problems, f"label of training case {case.case_id}:")
+        if label is None:
+            continue
+        if ref is not None:
+            problems.extend(_compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol))
+        values = {int(v) for v in np.unique(label.array)}
+        found_values |= values
+        unexpected = sorted(values - allowed)
+        if unexpected:
+            problems.append(
+                f"{label.path}: unexpected label values {', '.join(map(str, unexpected))} "
+                f"(declared: {allowed_text})"
+            )
+
+    if shapes:
+        arr = np.asarray([s for s in shapes if len(s) == len(shapes[0])])
+        report.shape_min = tuple(int(v) for v in arr.min(axis=0))
+        report.shape_max = tuple(int(v) for v in arr.max(axis=0))
+        sp_arr = np.asarray(spacings)
+        report.spacing_min = tuple(float(v) for v in sp_arr.min(axis=0))
+        report.spacing_max = tuple(float(v) for v in sp_arr.max(axis=0))
+    report.label_values = sorted(found_values)
+    if found_values:
+        for cname, value in list(spec.labels.items())[1:]:
+            if value not in found_values:
+                warnings.append(f"{spec.root}: class {cname!r} (value {value}) appears in no label file")
+    return report
+
+
+def _check_intensities(vol: Volume, problems: list[str]) -> None:
+    arr = vol.array
+    finite = np.isfinite(arr)
+    bad = int(arr.size - np.count_nonzero(finite))
+    if bad:
+        problems.append(f"{vol.path}: {bad} NaN/inf voxel(s)")
+        if bad == arr.size:
+            return
+        arr = arr[finite]
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        problems.append(f"{vol.path}: constant image (every voxel is {lo:g})")
+
+
+def check_dataset(spec: DatasetSpec, **kwargs) -> VerifyReport:
+    """:func:`verify_dataset`, raising :class:`DataError` with the first problem if there is any."""
+    report = verify_dataset(spec, **kwargs)
+    if report.problems:
+        more = len(report.problems) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        raise DataError(report.problems[0] + suffix)
+    return report

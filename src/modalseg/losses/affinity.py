@@ -1,0 +1,173 @@
+"""Class-specific affinity (CSA) and plain affinity losses of paper 2 (Sec. 2.3-2.4, Eq. 2-4).
+
+For two layers l and k of one network and a class c:
+
+* Eq. 2: ``F^c(l) = F(l) (.) M^c``, with ``M^c`` the one-hot ground-truth mask of class c resized (nearest
+  neighbour) to the feature map's size.
+* Eq. 3: ``a^c_{m,n} = cos(F^c_m(l), F^c_n(k)) / S_c``: cosine similarity between channel m of layer l and
+  channel n of layer k, each flattened over space, divided by ``S_c``, the number of pixels of class c in the
+  resized mask *of that image*. ``A^c`` is the M x N matrix of these entries.
+* Eq. 4: ``L_CSA = (1/C) sum_c || (1/P) sum_i (A^{c,1}_i - A^{c,2}_i) ||_2^2`` with P = M*N entries.
+
+Interpretation choices (the paper is silent; see each function):
+
+* Eq. 4 taken literally sums the P entry differences *inside* the norm, so the norm is of a scalar and
+  ``L_CSA = (1/C) sum_c (mean_i(A^{c,1}_i - A^{c,2}_i))^2``: the squared difference of the two matrices' mean
+  entries. That is the default (``form="literal"``); ``form="mse"`` gives the element-wise reading
+  ``(1/C) sum_c (1/P) sum_i (A^{c,1}_i - A^{c,2}_i)^2`` for comparison.
+* The modalities are unpaired (different images, even different batch sizes), so each modality's affinity is
+  first averaged per class over the images of its batch in which the class is present; classes absent from
+  either batch contribute nothing and C counts only the classes present on both sides.
+* Features of different sizes: layer k is resized (bilinear) to layer l's size before the cosine.
+* Everything is computed in float32 (also under bf16/fp16 autocast): the entries are cosines divided by pixel
+  counts and small.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["affinity_loss", "class_affinity", "csa_loss", "csa_loss_from_features", "resize_mask"]
+
+_EPS = 1e-8
+
+
+def resize_mask(onehot: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """One-hot mask (B, C, H, W) resized to ``size`` with nearest neighbour (Eq. 2's "reshape"), as float32.
+
+    PyTorch's ``"nearest"`` (source index = floor(dst * scale)) is the convention of TensorFlow 1's
+    ``resize_nearest_neighbor`` used by the original code.
+    """
+    onehot = onehot.float()
+    if tuple(onehot.shape[-2:]) == tuple(size):
+        return onehot
+    return F.interpolate(onehot, size=size, mode="nearest")
+
+
+def _flat_unit(x: torch.Tensor) -> torch.Tensor:
+    """Flatten the spatial axes and scale each map to unit L2 norm; all-zero maps stay zero (cosine 0)."""
+    x = x.flatten(-2)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def class_affinity(
+    feat_l: torch.Tensor, feat_k: torch.Tensor, onehot: torch.Tensor, return_valid: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Class-specific affinity matrices (Eq. 2-3) of a batch of one modality.
+
+    Args:
+        feat_l: features of layer l, (B, M, H, W).
+        feat_k: features of layer k, (B, N, H', W'); resized bilinearly to (H, W) if different.
+        onehot: ground truth, (B, C, H0, W0), one channel per class (background included if wanted);
+            resized nearest to (H, W).
+        return_valid: also return the (B, C) boolean mask of classes present (S_c > 0) per image.
+
+    Returns:
+        ``A`` (B, C, M, N) with ``A[b, c, m, n] = cos(F^c_m(l), F^c_n(k)) / S_c`` (float32), and
+        optionally the validity mask. A class absent from an image (S_c = 0) gives an all-zero matrix,
+        never NaN.
+    """
+    if feat_l.dim() != 4 or feat_k.dim() != 4 or onehot.dim() != 4:
+        raise ValueError("class_affinity expects 4D tensors (B, channels, H, W)")
+    if not (feat_l.shape[0] == feat_k.shape[0] == onehot.shape[0]):
+        raise ValueError(
+            f"batch sizes differ: feat_l {feat_l.shape[0]}, feat_k {feat_k.shape[0]}, "
+            f"onehot {onehot.shape[0]}"
+        )
+    with torch.autocast(device_type=feat_l.device.type, enabled=False):
+        fl, fk = feat_l.float(), feat_k.float()
+        size = (fl.shape[-2], fl.shape[-1])
+        if fk.shape[-2:] != fl.shape[-2:]:
+            fk = F.interpolate(fk, size=size, mode="bilinear", align_corners=False)
+        mask = resize_mask(onehot, size)  # (B, C, H, W)
+        s_c = mask.sum(dim=(-2, -1))  # (B, C)
+        # Eq. 2 (Hadamard product with the class mask), then unit maps for the cosine of Eq. 3.
+        ul = _flat_unit(fl.unsqueeze(1) * mask.unsqueeze(2))  # (B, C, M, HW)
+        uk = _flat_unit(fk.unsqueeze(1) * mask.unsqueeze(2))  # (B, C, N, HW)
+        cos = torch.einsum("bcmp,bcnp->bcmn", ul, uk)
+        affinity = cos / s_c.clamp_min(1.0)[..., None, None]
+    if return_valid:
+        return affinity, s_c > 0
+    return affinity
+
+
+def _class_means(a: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean affinity over the images where the class is present: (C, M, N) and (C,) presence."""
+    w = valid.to(a.dtype)  # (B, C)
+    count = w.sum(dim=0)  # (C,)
+    mean = (a * w[..., None, None]).sum(dim=0) / count.clamp_min(1.0)[:, None, None]
+    return mean, count > 0
+
+
+def csa_loss(
+    a1: torch.Tensor,
+    a2: torch.Tensor,
+    valid1: torch.Tensor | None = None,
+    valid2: torch.Tensor | None = None,
+    form: str = "literal",
+) -> torch.Tensor:
+    """Eq. 4: consistency of the class-specific affinity between two modalities' (unpaired) batches.
+
+    Args:
+        a1, a2: (B1, C, M, N) and (B2, C, M, N) from :func:`class_affinity`; batch sizes may differ.
+        valid1, valid2: (B, C) presence masks (``return_valid=True``). If omitted, a class counts as present
+            in an image when its matrix has a non-zero entry (an absent class gives exact zeros).
+        form: ``"literal"``: ``(1/C') sum_c ((1/P) sum_i d_i)^2`` (Eq. 4 as printed: the sum is inside the
+            norm, giving the squared mean difference); ``"mse"``: ``(1/C') sum_c (1/P) sum_i d_i^2``.
+
+    Each modality's matrices are averaged per class over the images where the class is present, then
+    ``d = mean A^{c,1} - mean A^{c,2}``; C' counts the classes present in both batches (absent classes add
+    nothing). With no such class the loss is a zero that is still connected to the graph.
+    """
+    if a1.dim() != 4 or a2.dim() != 4 or a1.shape[1:] != a2.shape[1:]:
+        raise ValueError(
+            f"affinity shapes must be (B, C, M, N) with equal C, M, N: {tuple(a1.shape)}, {tuple(a2.shape)}"
+        )
+    if form not in ("literal", "mse"):
+        raise ValueError(f"form must be 'literal' or 'mse', got {form!r}")
+    a1, a2 = a1.float(), a2.float()
+    if valid1 is None:
+        valid1 = a1.detach().flatten(2).ne(0).any(dim=-1)
+    if valid2 is None:
+        valid2 = a2.detach().flatten(2).ne(0).any(dim=-1)
+    mean1, present1 = _class_means(a1, valid1.bool())
+    mean2, present2 = _class_means(a2, valid2.bool())
+    both = present1 & present2  # (C,)
+    diff = (mean1 - mean2).flatten(1)  # (C, P)
+    per_class = diff.mean(dim=1).square() if form == "literal" else diff.square().mean(dim=1)
+    n_valid = both.sum()
+    total = torch.where(both, per_class, torch.zeros_like(per_class)).sum()
+    return total / n_valid.clamp_min(1).to(total.dtype)
+
+
+def csa_loss_from_features(
+    feats1: tuple[torch.Tensor, torch.Tensor],
+    onehot1: torch.Tensor,
+    feats2: tuple[torch.Tensor, torch.Tensor],
+    onehot2: torch.Tensor,
+    form: str = "literal",
+) -> torch.Tensor:
+    """L_CSA from the (layer l, layer k) features and one-hot labels of each modality's batch (Eq. 2-4)."""
+    a1, v1 = class_affinity(feats1[0], feats1[1], onehot1, return_valid=True)
+    a2, v2 = class_affinity(feats2[0], feats2[1], onehot2, return_valid=True)
+    return csa_loss(a1, a2, v1, v2, form=form)
+
+
+def affinity_loss(
+    feat1_l: torch.Tensor,
+    feat1_k: torch.Tensor,
+    feat2_l: torch.Tensor,
+    feat2_k: torch.Tensor,
+    form: str = "literal",
+) -> torch.Tensor:
+    """Paper 2's "Affinity" setting: Eq. 3-4 without class masks.
+
+    The whole feature map is one "class": M is all ones, so S = H*W and every image counts. Same
+    normalisation and reduction as :func:`csa_loss`.
+    """
+    ones1 = feat1_l.new_ones((feat1_l.shape[0], 1, *feat1_l.shape[-2:]), dtype=torch.float32)
+    ones2 = feat2_l.new_ones((feat2_l.shape[0], 1, *feat2_l.shape[-2:]), dtype=torch.float32)
+    a1, v1 = class_affinity(feat1_l, feat1_k, ones1, return_valid=True)
+    a2, v2 = class_affinity(feat2_l, feat2_k, ones2, return_valid=True)
+    return csa_loss(a1, a2, v1, v2, form=form)

@@ -1,0 +1,186 @@
+"""Paper 2's backbone: the 2D dilated residual FCN of UMMKD (Dou et al. 2020), which paper 2 builds on.
+
+Paper 2 says only "nine convolutional operation groups, one deconvolutional group and one softmax layer; each
+group contains two to four shared convolutional layers and domain-specific batch normalization layers". The
+layout below is the UMMKD 2D network (reference facts, Paper 2), which reproduces the trainable-parameter
+counts exactly: 36,979,408 for one input channel, two BN sets (MSBN) and C=4 classes; 39,342,552 for C=5.
+
+Building blocks (base width f=16, no convolution bias anywhere):
+
+* pre-activation layer P = BN -> LeakyReLU(0.2) -> Conv3x3 -> Dropout(p);
+* residual block = two P plus an identity shortcut; when the width grows, the shortcut is the input
+  zero-padded on channels (new channels appended after the existing ones; no 1x1 projection).
+
+Groups (``group1`` ... ``group10``, then ``classifier``), resolution relative to the input:
+
+==========  ==========================================================  ======
+group1      Conv3x3 in->f, residual f, max-pool                          1/2
+group2      residual f->2f, max-pool                                     1/4
+group3      residual 2f->4f, residual 4f, max-pool                       1/8
+group4      residual 4f->8f, residual 8f                                 1/8
+group5      residual 8f->16f, residual 16f                               1/8
+group6      residual 16f, residual 16f                                   1/8
+group7      residual 16f->32f, residual 32f                              1/8
+group8      two dilated (rate 2) residual 32f                            1/8
+group9      two P 32f (no shortcut)                                      1/8
+group10     Conv3x3 32f -> 64*8*C, BN, LeakyReLU, pixel shuffle x8       1
+classifier  Conv5x5 8*C -> C logits (no BN)                              1
+==========  ==========================================================  ======
+
+The output stride 8 comes from the three max-pools of groups 1-3; the pixel shuffle restores full resolution,
+so inputs must have sides divisible by 8. ``group4`` ... ``group9`` all have stride 8; paper 2 takes its
+affinity features from "intermediate" layers "relatively close to each other", hence the default taps
+``group5`` and ``group6`` (both 16f = 256 channels at 1/8 resolution).
+
+Dropout: the paper's text says "drop rate of 0.75", but the UMMKD code passes 0.75 as the *keep* probability
+(TensorFlow 1 ``keep_prob``), i.e. p = 0.25, which is the default here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalseg.errors import ConfigError
+from modalseg.models.msbn import convert_to_msbn
+
+__all__ = ["DilatedFCN", "FEATURE_NAMES", "OUTPUT_STRIDE", "PreActivation", "ResidualBlock"]
+
+OUTPUT_STRIDE = 8
+FEATURE_NAMES = tuple(f"group{i}" for i in range(1, 11)) + ("classifier",)
+
+
+class PreActivation(nn.Sequential):
+    """P = BN -> LeakyReLU -> Conv3x3 (no bias, optional dilation) -> Dropout."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, dilation: int = 1, dropout: float = 0.25, negative_slope: float = 0.2
+    ) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_ch)
+        self.act = nn.LeakyReLU(negative_slope, inplace=True)
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+
+class ResidualBlock(nn.Module):
+    """Two pre-activation layers plus an identity shortcut, zero-padded on channels when widening."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, dilation: int = 1, dropout: float = 0.25, negative_slope: float = 0.2
+    ) -> None:
+        super().__init__()
+        if out_ch < in_ch:
+            raise ValueError(f"residual block cannot narrow {in_ch} -> {out_ch} channels (padded shortcut)")
+        self.in_ch, self.out_ch = in_ch, out_ch
+        self.p1 = PreActivation(in_ch, out_ch, dilation, dropout, negative_slope)
+        self.p2 = PreActivation(out_ch, out_ch, dilation, dropout, negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.out_ch == self.in_ch else F.pad(x, (0, 0, 0, 0, 0, self.out_ch - self.in_ch))
+        return self.p2(self.p1(x)) + shortcut
+
+
+class DilatedFCN(nn.Module):
+    """The dilated residual FCN above; ``norm="msbn"`` gives one BN set per modality (paper 2's MSBN).
+
+    Args:
+        in_channels: image channels per modality (1 in paper 2).
+        num_classes: C, background included.
+        num_modalities: BN sets when ``norm="msbn"`` (ignored for ``norm="bn"``, which shares one set).
+        norm: ``"msbn"`` or ``"bn"``.
+        width: base width f (16).
+        dropout: drop probability p of every P layer (0.25; see the module docstring).
+        negative_slope: LeakyReLU slope (0.2).
+        shuffle_channels_per_class: channels per class after the pixel shuffle (8, giving 8*C).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 4,
+        num_modalities: int = 2,
+        norm: str = "msbn",
+        width: int = 16,
+        dropout: float = 0.25,
+        negative_slope: float = 0.2,
+        shuffle_channels_per_class: int = 8,
+    ) -> None:
+        super().__init__()
+        if norm not in ("msbn", "bn"):
+            raise ConfigError(f"dilated_fcn: norm must be 'msbn' or 'bn', got {norm!r}")
+        if in_channels < 1 or num_classes < 1 or width < 1 or num_modalities < 1:
+            raise ConfigError(
+                "dilated_fcn: in_channels, num_classes, width and num_modalities must be >= 1 "
+                f"(got {in_channels}, {num_classes}, {width}, {num_modalities})"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dilated_fcn: dropout is a drop probability in [0, 1), got {dropout}")
+        self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
+        self.num_modalities = num_modalities if norm == "msbn" else 1
+        self.norm = norm
+        f, kw = width, {"dropout": dropout, "negative_slope": negative_slope}
+
+        def res(i: int, o: int, d: int = 1) -> ResidualBlock:
+            return ResidualBlock(i, o, d, **kw)
+
+        self.group1 = nn.Sequential(
+            nn.Conv2d(in_channels, f, 3, padding=1, bias=False), res(f, f), nn.MaxPool2d(2)
+        )
+        self.group2 = nn.Sequential(res(f, 2 * f), nn.MaxPool2d(2))
+        self.group3 = nn.Sequential(res(2 * f, 4 * f), res(4 * f, 4 * f), nn.MaxPool2d(2))
+        self.group4 = nn.Sequential(res(4 * f, 8 * f), res(8 * f, 8 * f))
+        self.group5 = nn.Sequential(res(8 * f, 16 * f), res(16 * f, 16 * f))
+        self.group6 = nn.Sequential(res(16 * f, 16 * f), res(16 * f, 16 * f))
+        self.group7 = nn.Sequential(res(16 * f, 32 * f), res(32 * f, 32 * f))
+        self.group8 = nn.Sequential(res(32 * f, 32 * f, 2), res(32 * f, 32 * f, 2))
+        self.group9 = nn.Sequential(PreActivation(32 * f, 32 * f, **kw), PreActivation(32 * f, 32 * f, **kw))
+        up_ch = shuffle_channels_per_class * num_classes * OUTPUT_STRIDE**2
+        self.group10 = nn.Sequential(
+            nn.Conv2d(32 * f, up_ch, 3, padding=1, bias=False),
+            nn.BatchNorm2d(up_ch),
+            nn.LeakyReLU(negative_slope, inplace=True),
+            nn.PixelShuffle(OUTPUT_STRIDE),
+        )
+        self.classifier = nn.Conv2d(
+            shuffle_channels_per_class * num_classes, num_classes, 5, padding=2, bias=False
+        )
+        self._init_weights(negative_slope)
+        if norm == "msbn":
+            convert_to_msbn(self, num_modalities)
+
+    def _init_weights(self, negative_slope: float) -> None:
+        # He initialisation for the leaky-ReLU convolutions (PyTorch's default is a scaled uniform).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=negative_slope, nonlinearity="leaky_relu")
+
+    def groups(self) -> list[tuple[str, nn.Module]]:
+        """The named stages in forward order (``group1`` ... ``group10``, ``classifier``)."""
+        return [(name, getattr(self, name)) for name in FEATURE_NAMES]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x, ())[0]
+
+    def forward_features(
+        self, x: torch.Tensor, names: Sequence[str] = ("group5", "group6")
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (B, C, H, W) and the outputs of the named groups (e.g. ``group5`` at 1/8 resolution)."""
+        unknown = [n for n in names if n not in FEATURE_NAMES]
+        if unknown:
+            known = ", ".join(FEATURE_NAMES)
+            raise ConfigError(f"dilated_fcn: unknown feature layer(s) {unknown}; known: {known}")
+        h, w = x.shape[-2:]
+        if h % OUTPUT_STRIDE or w % OUTPUT_STRIDE:
+            raise ConfigError(
+                f"dilated_fcn: input size {h}x{w} is not a multiple of the output stride {OUTPUT_STRIDE}"
+            )
+        feats: dict[str, torch.Tensor] = {}
+        for name, module in self.groups():
+            x = module(x)
+            if name in names:
+                feats[name] = x
+        return x, feats
