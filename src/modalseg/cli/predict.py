@@ -1,0 +1,44 @@
+"""``modalseg predict``: segment NIfTI/NRRD volumes with trained models (several folds are ensembled)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+HELP = "segment volumes (one file per modality) and write label volumes with the input's geometry"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", nargs="+", required=True,
+                   help="checkpoint file(s), fold folder(s) or a run folder (all folds are ensembled)")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="a folder of CASE_0000.nii.gz-style files, a folder of <modality>.nii.gz files, "
+                        "or the files of one case in modality order")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--modality", help="unpaired models: which modality the input is")
+    p.add_argument("--probabilities", action="store_true", help="also write CASE_prob_<class>.nii.gz")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
+    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    p.add_argument("--file-ending", default=".nii.gz", help="output format: .nii.gz, .nii, .nrrd or .mha")
+
+
+def run(args: argparse.Namespace) -> int:
+    from modalseg.training.precision import resolve_device, resolve_precision
+    from modalseg.training.predict import find_cases, load_models, predict_case, write_prediction
+
+    precision = resolve_precision(resolve_device(args.device), args.precision)
+    models = load_models(args.model, precision)
+    meta = models[0].meta
+    cases = find_cases(args.input, meta)
+    out = Path(args.output)
+    print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {precision.name} on {precision.device}")
+    for case, files in cases.items():
+        t0 = time.perf_counter()
+        labels, probs, ref = predict_case(models, files, precision, modality=args.modality,
+                                          batch_size=args.batch_size)
+        written = write_prediction(out, case, labels, probs if args.probabilities else None, ref,
+                                   list(meta.labels), args.file_ending)
+        print(f"{case}: {written[0]} ({time.perf_counter() - t0:.1f} s)")
+    return 0

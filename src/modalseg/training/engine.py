@@ -1,0 +1,411 @@
+"""The training loop shared by both papers: data -> cache -> split -> model -> steps -> checkpoints -> logs.
+
+Layout of a run (``cfg.output`` = experiment folder)::
+
+    <output>/splits.json                 patient-level CV folds (editable, reused)
+    <output>/fold_K/config.yaml          the resolved configuration
+    <output>/fold_K/latest.pt, best.pt   checkpoints (atomic; weights_only-loadable)
+    <output>/fold_K/log.csv              one row per epoch
+    <output>/fold_K/progress.png         loss and validation Dice per epoch
+    <output>/fold_K/tensorboard/         TensorBoard scalars
+    <output>/fold_K/validation.csv       per-patient, per-class metrics of the best model on the fold
+
+Exact resume: checkpoints store model, optimiser, scheduler, torch RNG state, epoch and the position inside
+the epoch; batch order is a pure function of (seed, epoch) (see ``modalseg.data.sampling``), so a run killed
+at any point and resumed reaches the same weights as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from modalseg.data.cache import SliceCache, build_slice_cache
+from modalseg.data.layouts import load_dataset
+from modalseg.data.preprocess import PreprocessConfig
+from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
+from modalseg.data.types import DatasetSpec
+from modalseg.errors import CheckpointError, ConfigError
+from modalseg.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from modalseg.training.config import TrainConfig
+from modalseg.training.distributed import DistInfo, barrier, init_distributed
+from modalseg.training.inference import foreground_dice_per_group, predict_probabilities
+from modalseg.training.precision import Precision, resolve_device, resolve_precision
+from modalseg.training.splits import load_or_create_splits
+from modalseg.training.tasks import ModelMeta, PairedLoss, UnpairedLoss, build_network, paired_channels
+from modalseg.utils.atomic import atomic_write_bytes, atomic_write_text
+from modalseg.utils.seed import seed_everything
+
+PAPER1_RECIPE = {"batch_size": 4, "amsgrad": True, "lr_step": 30, "lr_gamma": 0.5, "lr_step_unit": "epoch",
+                 "conv_l2": 0.0, "model": "master_assistant"}
+PAPER2_RECIPE = {"batch_size": 8, "amsgrad": False, "lr_step": 1000, "lr_gamma": 0.95, "lr_step_unit": "iteration",
+                 "conv_l2": 0.0, "model": "dilated_fcn"}
+
+
+def resolve_recipe(cfg: TrainConfig, spec: DatasetSpec) -> TrainConfig:
+    """Fill ``None``/``auto`` options from the paper that matches the dataset (paired: 1, unpaired: 2)."""
+    recipe = dict(PAPER1_RECIPE if spec.paired else PAPER2_RECIPE)
+    if not spec.paired and cfg.setting == "ummkd":
+        recipe["conv_l2"] = 1e-4  # UMMKD's L2 on conv kernels (facts file)
+    updates = {k: v for k, v in recipe.items() if getattr(cfg, k) in (None, "auto")}
+    if cfg.preprocess == "auto":
+        updates["preprocess"] = "paper1" if spec.paired else {
+            "mscmrseg": "paper2_mscmrseg", "mmwhs": "paper2_mmwhs"}.get(spec.layout, "paper2_synth")
+    return dataclasses.replace(cfg, **updates)
+
+
+def make_preprocess(cfg: TrainConfig) -> PreprocessConfig:
+    presets = {
+        "paper1": PreprocessConfig.paper1,
+        "paper2_mscmrseg": PreprocessConfig.paper2_mscmrseg,
+        "paper2_mmwhs": PreprocessConfig.paper2_mmwhs,
+        # Synthetic cardiac slices are already heart-centred: z-score per slice (paper 2), no crop.
+        "paper2_synth": lambda: PreprocessConfig(normalization="zscore_slice", target_size=None, crop="none"),
+    }
+    if cfg.preprocess not in presets:
+        raise ConfigError(f"unknown preprocess preset {cfg.preprocess!r}; known: {', '.join(presets)}")
+    base = presets[cfg.preprocess]().to_dict()
+    base.update(cfg.preprocess_options)
+    return PreprocessConfig.from_dict(base)
+
+
+def prepare_cache(cfg: TrainConfig, spec: DatasetSpec, pp: PreprocessConfig, info: DistInfo) -> SliceCache:
+    """Build (rank 0) or reuse the slice cache of the whole dataset."""
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output).parent / ".modalseg_cache"
+    cache_dir = cache_root / spec.name
+    cache = None
+    if info.is_main:
+        cache = build_slice_cache(spec, pp, cache_dir, progress=cfg.progress)
+    barrier(info)
+    if cache is None:
+        cache = build_slice_cache(spec, pp, cache_dir)
+    return cache
+
+
+class Trainer:
+    """Train one fold of one run. ``Trainer(cfg).fit()``; ``resume=True`` continues from ``latest.pt``."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+        self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.spec = load_dataset(cfg.data, cfg.layout)
+        self.cfg = cfg = resolve_recipe(cfg, self.spec)
+        self.precision: Precision = resolve_precision(self.device, cfg.precision, cfg.channels_last)
+        self.run_dir = Path(cfg.output) / f"fold_{cfg.fold}"
+        self.pp = make_preprocess(cfg)
+        self.cache = prepare_cache(cfg, self.spec, self.pp, self.dist)
+        patients = sorted({r["patient_id"] for r in self.cache.records})
+        splits = load_or_create_splits(Path(cfg.output) / "splits.json", patients, cfg.folds, cfg.split_seed)
+        self.split = splits[cfg.fold]
+        self.paired = self.spec.paired
+        self._build_model()
+        self._build_data()
+        self._build_optimiser()
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.global_step = 0
+        self.best = -math.inf
+        self.history: list[dict[str, float]] = []
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ construction
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        if self.paired:
+            modalities = paired_channels(self.spec, cfg.model, cfg.modalities)
+        else:
+            modalities = list(cfg.modalities or self.spec.modalities)
+            unknown = [m for m in modalities if m not in self.spec.modalities]
+            if unknown:
+                raise ConfigError(f"modalities {unknown} not in the dataset's modalities {self.spec.modalities}")
+        self.meta = ModelMeta(
+            kind="paired" if self.paired else "unpaired",
+            model=cfg.model,
+            model_options=dict(cfg.model_options),
+            modalities=modalities,
+            num_classes=self.spec.num_classes,
+            labels=dict(self.spec.labels),
+            preprocess=self.pp.to_dict(),
+            setting=None if self.paired else cfg.setting,
+            feature_layers=list(cfg.feature_layers) if cfg.feature_layers else None,
+            channel_names=list(self.spec.modalities),
+        )
+        self.network = build_network(self.meta)
+        if self.paired:
+            loss_module: nn.Module = PairedLoss(self.network, cfg.ce_weight)
+            self.channel_index = [self.spec.modalities.index(m) for m in modalities]
+        else:
+            loss_module = UnpairedLoss(
+                self.network, cfg.setting, ce_weight=cfg.ce_weight,
+                affinity_weight=cfg.affinity_weight, kd_weight=cfg.kd_weight,
+                kd_temperature=cfg.kd_temperature, conv_l2=float(cfg.conv_l2 or 0.0),
+            )
+        if cfg.sync_bn and self.dist.enabled and self.device.type == "cuda":
+            loss_module = nn.SyncBatchNorm.convert_sync_batchnorm(loss_module)
+        loss_module = self.precision.prepare_model(loss_module)
+        self.network = loss_module.network
+        self.loss_module = loss_module
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module: nn.Module = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
+        else:
+            self.step_module = loss_module
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        train_p, val_p = self.split["train"], self.split["val"]
+        cases_of = {}
+        for r in self.cache.records:
+            cases_of.setdefault(r["patient_id"], set()).add(r["case_id"])
+        train_cases = sorted(set().union(*(cases_of.get(p, set()) for p in train_p)))
+        val_cases = sorted(set().union(*(cases_of.get(p, set()) for p in val_p)))
+        ws, rank = self.dist.world_size, self.dist.rank
+        if cfg.batch_size % ws:
+            raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {ws} processes")
+        if self.paired:
+            self.train_idx = self.cache.indices_for(case_ids=train_cases)
+            self.val_idx = self.cache.indices_for(case_ids=val_cases)
+            self.sampler = EpochBatchSampler(
+                self.train_idx, cfg.batch_size // ws, shuffle=True, seed=cfg.seed, drop_last=True,
+                rank=rank, world_size=ws,
+            )
+            self.steps_per_epoch = self.sampler.num_batches(0)
+        else:
+            self.train_idx_by_mod = {
+                m: self.cache.indices_for(case_ids=train_cases, modality=m) for m in self.meta.modalities
+            }
+            self.val_idx_by_mod = {
+                m: self.cache.indices_for(case_ids=val_cases, modality=m) for m in self.meta.modalities
+            }
+            for m, idx in self.train_idx_by_mod.items():
+                if len(idx) == 0:
+                    raise ConfigError(f"no training slices of modality {m} in fold {cfg.fold}")
+            self.sampler_unpaired = UnpairedBatchSampler(
+                self.train_idx_by_mod, cfg.batch_size // ws, seed=cfg.seed, rank=rank, world_size=ws
+            )
+            largest = max(len(v) for v in self.train_idx_by_mod.values())
+            self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"fold {cfg.fold} has {len(getattr(self, 'train_idx', []))} training slices, fewer than one batch"
+            )
+
+    def _build_optimiser(self) -> None:
+        cfg = self.cfg
+        self.optimizer = torch.optim.Adam(self.loss_module.parameters(), lr=cfg.lr, amsgrad=bool(cfg.amsgrad))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model_state": self.network.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "rng_torch": torch.get_rng_state(),
+            "best": self.best,
+            "history": self.history,
+            "meta": self.meta.to_dict(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self, name: str) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self._state(), self.run_dir / name)
+
+    def _resume(self) -> None:
+        path = self.run_dir / "latest.pt"
+        state = load_checkpoint(path)
+        if state.get("meta") != self.meta.to_dict():
+            theirs = ModelMeta.from_dict(state["meta"]).describe() if "meta" in state else "(unknown)"
+            raise CheckpointError(
+                f"was written for a different model {theirs}; this run is {self.meta.describe()}", path
+            )
+        load_model_state(self.network, state["model_state"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer_state"])
+            self.scheduler.load_state_dict(state["scheduler_state"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimiser state does not match ({exc})", path) from None
+        torch.set_rng_state(state["rng_torch"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.best = float(state["best"])
+        self.history = list(state["history"])
+
+    # ------------------------------------------------------------------ steps
+    def _step_batches(self, epoch: int, start: int):
+        """Yield (args for the step module, number of images) for the batches of ``epoch`` from ``start``."""
+        to_in = self.precision.to_input
+        if self.paired:
+            for idx in self.sampler.batches(epoch, start_batch=start):
+                x, y = self.cache.get_batch(idx)
+                x = x[:, self.channel_index]
+                yield (to_in(x), y.to(self.device)), len(idx)
+        else:
+            first = epoch * self.steps_per_epoch + start
+            for batch in self.sampler_unpaired.steps(first, self.steps_per_epoch - start):
+                xs, ys = [], []
+                for m in self.meta.modalities:
+                    x, y = self.cache.get_batch(batch[m])
+                    xs.append(to_in(x))
+                    ys.append(y.to(self.device))
+                yield (xs, ys), sum(len(v) for v in batch.values())
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``cfg.epochs`` (or ``cfg.max_steps``), validating, logging and checkpointing."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        writer = self._tensorboard()
+        stop = False
+        while self.epoch < cfg.epochs and not stop:
+            self.network.train()
+            losses: list[float] = []
+            n_images, t0 = 0, time.perf_counter()
+            bar = self._progress_bar()
+            for args, n in self._step_batches(self.epoch, self.batch_in_epoch):
+                self.optimizer.zero_grad(set_to_none=True)
+                with self.precision.autocast():
+                    loss, parts = self.step_module(*args)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at epoch {self.epoch} step {self.global_step}: {parts}")
+                loss.backward()
+                self.optimizer.step()
+                if cfg.lr_step_unit == "iteration":
+                    self.scheduler.step()
+                self.batch_in_epoch += 1
+                self.global_step += 1
+                losses.append(parts["loss"])
+                n_images += n * self.dist.world_size
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{n_images / (time.perf_counter() - t0):.2f}")
+                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    self.save("latest.pt")
+                if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+                    stop = True
+                    break
+            if bar is not None:
+                bar.close()
+            epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+            if epoch_done:
+                if cfg.lr_step_unit == "epoch":
+                    self.scheduler.step()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            if epoch_done or stop:
+                record = {"epoch": self.epoch, "step": self.global_step,
+                          "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
+                if self.epoch % cfg.val_every == 0 or stop or self.epoch == cfg.epochs:
+                    record["val_dice"] = self.validate()
+                    if record["val_dice"] > self.best:
+                        self.best = record["val_dice"]
+                        self.history.append(record)
+                        self.save("best.pt")
+                    else:
+                        self.history.append(record)
+                else:
+                    self.history.append(record)
+                self.save("latest.pt")
+                self._log(record, writer)
+        if writer is not None:
+            writer.close()
+        barrier(self.dist)
+        return {"best_val_dice": self.best, "epochs": self.epoch, "steps": self.global_step,
+                "run_dir": str(self.run_dir)}
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> float:
+        """Mean foreground Dice per validation patient (slices stacked), averaged (over modalities if unpaired)."""
+        if not self.dist.is_main:
+            return float("nan")
+        preds = self.predict_split()
+        scores = []
+        for key, (pred, target, groups) in preds.items():
+            del key
+            per_patient = foreground_dice_per_group(pred, target, groups, self.meta.num_classes)
+            scores.extend(per_patient.values())
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def predict_split(self, which: str = "val") -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+        """Argmax predictions on the fold's validation (or training) slices.
+
+        Returns ``{modality or "all": (pred, target, patient ids)}``, slices in cache order.
+        """
+        out = {}
+        if self.paired:
+            groups = {"all": self.val_idx if which == "val" else self.train_idx}
+        else:
+            groups = self.val_idx_by_mod if which == "val" else self.train_idx_by_mod
+        for k, (name, idx) in enumerate(groups.items()):
+            if len(idx) == 0:
+                continue
+            images = self.cache.images[np.sort(idx)]
+            if self.paired:
+                images = images[:, self.channel_index]
+            probs = predict_probabilities(self.network, images, self.precision,
+                                          modality=None if self.paired else k)
+            target = np.asarray(self.cache.labels[np.sort(idx)])
+            patients = [self.cache.records[i]["patient_id"] for i in np.sort(idx)]
+            out[name] = (probs.argmax(1).astype(np.uint8), target, patients)
+        self.network.train()
+        return out
+
+    # ------------------------------------------------------------------ logging
+    def _progress_bar(self):
+        if not (self.cfg.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+                    desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, dynamic_ncols=True)
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.dist.is_main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _log(self, record: dict[str, float], writer) -> None:
+        if not self.dist.is_main:
+            return
+        if writer is not None:
+            for key, value in record.items():
+                if key not in {"epoch", "step"}:
+                    writer.add_scalar(key, value, record["epoch"])
+            writer.flush()
+        columns = ["epoch", "step", "train_loss", "val_dice", "lr", "img_per_s"]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for row in self.history:
+            w.writerow({c: row.get(c, "") for c in columns})
+        atomic_write_bytes(self.run_dir / "log.csv", buf.getvalue().encode())
+        from modalseg.evaluation.figures import plot_progress
+
+        plot_progress(self.history, self.run_dir / "progress.png")

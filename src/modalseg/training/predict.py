@@ -1,0 +1,196 @@
+"""Apply trained models to volumes on disk: one file per modality in, a label volume with the input's exact
+geometry out (optionally per-class probabilities); several models (folds) are ensembled by averaging
+their softmax probabilities.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from modalseg.data.io import is_supported, read_volume, strip_extension, write_volume
+from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restore_volume
+from modalseg.data.types import Volume
+from modalseg.errors import CheckpointError, DataError
+from modalseg.training.checkpoint import load_checkpoint, load_model_state
+from modalseg.training.inference import ensemble_probabilities, predict_probabilities
+from modalseg.training.precision import Precision
+from modalseg.training.tasks import ModelMeta, build_network
+
+_CHANNEL_RE = re.compile(r"^(.*)_(\d{4})$")
+
+
+@dataclass
+class LoadedModel:
+    network: nn.Module
+    meta: ModelMeta
+    path: Path
+
+
+def find_checkpoints(path: str | Path) -> list[Path]:
+    """A checkpoint file, a fold folder (best.pt, else latest.pt) or a run folder (all its fold_* folders)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError("no such checkpoint or run folder", path)
+    for name in ("best.pt", "latest.pt"):
+        if (path / name).is_file():
+            return [path / name]
+    found = []
+    for fold in sorted(path.glob("fold_*")):
+        for name in ("best.pt", "latest.pt"):
+            if (fold / name).is_file():
+                found.append(fold / name)
+                break
+    if not found:
+        raise CheckpointError("no checkpoint (best.pt / latest.pt / fold_*/) found", path)
+    return found
+
+
+def load_models(paths: Sequence[str | Path], precision: Precision) -> list[LoadedModel]:
+    """Load every checkpoint found under ``paths``; all must describe the same kind of model."""
+    models: list[LoadedModel] = []
+    for p in paths:
+        for ckpt in find_checkpoints(p):
+            state = load_checkpoint(ckpt)
+            if "meta" not in state or "model_state" not in state:
+                raise CheckpointError("checkpoint has no model description (meta)", ckpt)
+            meta = ModelMeta.from_dict(state["meta"])
+            network = build_network(meta)
+            load_model_state(network, state["model_state"], ckpt)
+            network = precision.prepare_model(network).eval()
+            models.append(LoadedModel(network, meta, ckpt))
+    first = models[0].meta
+    for m in models[1:]:
+        if (m.meta.labels, m.meta.modalities, m.meta.preprocess) != (first.labels, first.modalities, first.preprocess):
+            raise CheckpointError(f"cannot ensemble: model {m.meta.describe()} differs from {first.describe()}", m.path)
+    return models
+
+
+def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[Path]]:
+    """Group input files into cases, each a list of files in ``meta.modalities`` order.
+
+    Accepted: a folder of nnU-Net-named files (``CASE_0000.nii.gz`` ...; channel k = the training dataset's
+    k-th channel); a folder holding ``<modality>.nii.gz`` files (one case, named after the folder); or
+    explicit files given in modality order (one case, named after the first file).
+    """
+    paths = [Path(p) for p in inputs]
+    for p in paths:
+        if not p.exists():
+            raise DataError("input not found", p)
+    channel_names = meta.channel_names or meta.modalities
+    needed = [channel_names.index(m) if meta.kind == "paired" else 0 for m in meta.modalities]
+    if meta.kind != "paired":
+        needed = [0]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+        by_modality = {strip_extension(f.name): f for f in files if is_supported(f)}
+        if meta.kind == "paired" and all(m in by_modality for m in meta.modalities):
+            return {folder.name: [by_modality[m] for m in meta.modalities]}
+        cases: dict[str, dict[int, Path]] = {}
+        for f in files:
+            if not is_supported(f):
+                continue
+            match = _CHANNEL_RE.match(strip_extension(f.name))
+            if match:
+                cases.setdefault(match.group(1), {})[int(match.group(2))] = f
+        if not cases:
+            raise DataError(
+                "no input images found (expected CASE_0000.nii.gz-style files or <modality>.nii.gz files)", folder
+            )
+        result = {}
+        for case, channels in sorted(cases.items()):
+            missing = [k for k in needed if k not in channels]
+            if missing:
+                k = missing[0]
+                name = channel_names[k] if k < len(channel_names) else f"channel {k}"
+                raise DataError(f"case {case}: missing modality {name} (expected {case}_{k:04d} file)", folder)
+            result[case] = [channels[k] for k in needed]
+        return result
+    expected = len(needed)
+    if len(paths) != expected:
+        raise DataError(
+            f"the model needs {expected} file(s), one per modality ({', '.join(meta.modalities)}); got {len(paths)}",
+            paths[0],
+        )
+    return {strip_extension(paths[0].name): paths}
+
+
+def _check_geometry(volumes: Sequence[Volume], tol: float = 1e-3) -> None:
+    ref = volumes[0]
+    ref_name = ref.path.name if ref.path else "modality 0"
+    for v in volumes[1:]:
+        if v.shape != ref.shape:
+            raise DataError(f"shape {v.shape} differs from {ref_name} {ref.shape}", v.path)
+        if not np.allclose(v.spacing, ref.spacing, rtol=tol, atol=1e-6):
+            mine, theirs = (tuple(round(s, 4) for s in x.spacing) for x in (v, ref))
+            raise DataError(f"spacing {mine} differs from {theirs} of {ref_name}", v.path)
+
+
+def predict_case(
+    models: Sequence[LoadedModel],
+    files: Sequence[Path],
+    precision: Precision,
+    *,
+    modality: str | None = None,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray, Volume]:
+    """Return (label volume in file label values, probabilities (C, X, Y, Z), reference volume)."""
+    meta = models[0].meta
+    volumes = [read_volume(f) for f in files]
+    for v in volumes:
+        if not np.isfinite(v.array).all():
+            raise DataError(f"{int((~np.isfinite(v.array)).sum())} NaN/inf voxels", v.path)
+    _check_geometry(volumes)
+    pp = PreprocessConfig.from_dict(meta.preprocess)
+    images = np.stack([v.array for v in volumes], axis=0)
+    if meta.kind == "paired":
+        names = meta.channel_names or meta.modalities
+        channels = [names.index(m) for m in meta.modalities]
+        mod_index = None
+    else:
+        if modality is None:
+            if len(meta.modalities) > 1:
+                raise DataError(f"this unpaired model has modalities {meta.modalities}: choose one with --modality",
+                                files[0])
+            modality = meta.modalities[0]
+        if modality not in meta.modalities:
+            raise DataError(f"modality {modality!r} is not one of the model's {meta.modalities}", files[0])
+        channels = None
+        mod_index = meta.modalities.index(modality)
+    slices = preprocess_volume(images, None, pp, spacing=volumes[0].spacing, channels=channels, all_slices=True)
+    batch = np.stack([s.image for s in slices], axis=0)
+    probs = ensemble_probabilities(
+        [predict_probabilities(m.network, batch, precision, batch_size=batch_size, modality=mod_index) for m in models]
+    )
+    restored = restore_volume(list(probs), [s.geometry for s in slices], pp.slice_axis, is_label=False)
+    class_index = restored.argmax(axis=0)
+    values = np.asarray(list(meta.labels.values()))
+    labels = values[class_index]
+    return labels, restored.astype(np.float32), volumes[0]
+
+
+def write_prediction(
+    out_dir: Path, case: str, labels: np.ndarray, probs: np.ndarray | None, reference: Volume, class_names: list[str],
+    file_ending: str = ".nii.gz",
+) -> list[Path]:
+    """Write ``CASE.nii.gz`` (labels) and optionally ``CASE_prob_<class>.nii.gz`` with the input's geometry."""
+    written = []
+    dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
+    path = out_dir / f"{case}{file_ending}"
+    write_volume(path, labels.astype(dtype), reference)
+    written.append(path)
+    if probs is not None:
+        for c, name in enumerate(class_names):
+            p = out_dir / f"{case}_prob_{name}{file_ending}"
+            write_volume(p, probs[c].astype(np.float32), reference)
+            written.append(p)
+    return written
+

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny synthetic datasets generated once per test session (no download)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests are sized for 2 cores; keep torch from oversubscribing when pytest-xdist runs 2 workers.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def breast_dataset(tmp_path_factory):
+    from modalseg.data.synth import make_breast_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "breast"
+    make_breast_dataset(root, num_patients=5, slices=3, size=32, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cardiac_dataset(tmp_path_factory):
+    from modalseg.data.synth import make_cardiac_dataset
+
+    root = tmp_path_factory.mktemp("synth") / "cardiac"
+    make_cardiac_dataset(root, num_patients_per_modality=5, slices=3, size=32, seed=2)
+    return root
