@@ -1,1 +1,1 @@
-"""modalseg.experiments"""
+"""Paper reproductions: each module exposes ``HELP``, ``add_arguments(parser)`` and ``run(args)``."""

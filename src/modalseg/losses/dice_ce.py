@@ -1,0 +1,72 @@
+"""Paper 1's training loss, Eq. (1): ``L = L_Dice + alpha * L_CE`` with ``eps = 1.0`` and ``alpha = 1.0``.
+
+Dice term (Eq. 1, first bracket): ``1 - (2 sum_i p_i y_i + eps) / (sum_i p_i + sum_i y_i + eps)`` with
+``p_i`` the softmax probability of the foreground class and ``y_i`` the binary label, summed over the pixels
+of one image; the loss is the mean over the images of the batch (as in the authors' code). With more than
+two classes the Dice loss is computed per foreground class and image and averaged (background excluded).
+
+Cross-entropy term: the printed formula, ``-(1/N)(y_i sum_i p_i + (1 - y_i) sum_i (1 - p_i))``, is garbled
+(the pixel index is used outside its sum and the logarithms are missing), so we implement what its text
+names, the standard cross-entropy: the mean over all pixels of the batch of ``-log softmax(logits)[y]``.
+
+The computation is MONAI's :class:`monai.losses.DiceCELoss` configured to give exactly this value
+(``include_background=False, to_onehot_y=True, softmax=True, smooth_nr=smooth_dr=eps, batch=False,
+lambda_dice=1, lambda_ce=alpha``); MONAI's defaults differ (background included, ``smooth = 1e-5``).
+Logits are cast to float32 so the loss is exact under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceCELoss as _MonaiDiceCELoss
+from torch import nn
+
+__all__ = ["DiceCELoss", "dice_ce_loss"]
+
+
+class DiceCELoss(nn.Module):
+    """Paper 1 Eq. (1). ``forward(logits (B, C, H, W), target (B, H, W) or (B, 1, H, W) class indices)``.
+
+    ``C >= 2`` (softmax logits; class 0 is background). Returns a scalar.
+    """
+
+    def __init__(self, eps: float = 1.0, alpha: float = 1.0) -> None:
+        super().__init__()
+        if eps < 0 or alpha < 0:
+            raise ValueError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
+        self.eps = eps
+        self.alpha = alpha
+        self._loss = _MonaiDiceCELoss(
+            include_background=False,
+            to_onehot_y=True,
+            softmax=True,
+            smooth_nr=eps,
+            smooth_dr=eps,
+            batch=False,
+            lambda_dice=1.0,
+            lambda_ce=alpha,
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.dim() < 3 or logits.shape[1] < 2:
+            raise ValueError(f"expected logits (B, C>=2, ...), got {tuple(logits.shape)}")
+        if target.dim() == logits.dim() - 1:
+            target = target.unsqueeze(1)
+        if target.shape[1] != 1 or target.shape[2:] != logits.shape[2:] or target.shape[0] != logits.shape[0]:
+            raise ValueError(f"target {tuple(target.shape)} does not match logits {tuple(logits.shape)}")
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            return self._loss(logits.float(), target.long())
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, alpha={self.alpha}"
+
+
+_DEFAULT = DiceCELoss()
+
+
+def dice_ce_loss(
+    logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, alpha: float = 1.0
+) -> torch.Tensor:
+    """Functional form of :class:`DiceCELoss` (paper 1 Eq. 1)."""
+    loss = _DEFAULT if (eps == 1.0 and alpha == 1.0) else DiceCELoss(eps=eps, alpha=alpha)
+    return loss(logits, target)

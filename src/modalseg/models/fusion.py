@@ -1,0 +1,346 @@
+"""Encoder streams, fusion operators, the U-Net decoder and ONE generic fusion network (paper 1, Li et al.).
+
+Every U-Net-based row of paper 1's Table 1 is a :class:`FusionConfig` of :class:`FusionUNet`:
+
+==================  ==========================================================================================
+U-Net               one stream, widths 64..1024, 4 poolings, bilinear + conv upsampling
+U-Net + SA          + an SA gate after each of the 5 encoder blocks; the gated map is skip and next input
+EarlyFuseUNet       U-Net with all modalities stacked on the input channels
+LateFuseUNet        one stream per modality (32..512), independent; concatenated only at skips/bottleneck
+FuseOriginUNet      full-width streams (64..1024); master block k+1 reads concat(master_k, assistants_k);
+                    the decoder reads the master's skips and master + assistants summed at the bottleneck
+                    (the deepest assistant block must feed something: see paper1.py); transposed convs
+FuseUNet            half-width streams (32..512); y_k = concat(master_k, assistants_k) is skip k and, pooled,
+                    the input of master block k+1
+FuseUNet + SA       FuseUNet + an SA gate per stream and level, each stream gated by its own map
+Proposed            FuseUNet + SA gates on the master only; the master's map s_k multiplies the master AND
+                    every assistant before concatenation (paper 1, Fig. 3)
+==================  ==========================================================================================
+
+Generalisation to M >= 2 modalities (one master, M-1 assistants, each its own stream of the same widths
+``w_k``): fusion concatenates the master with all assistants, so a fused feature has ``M * w_k`` channels;
+a master block fed by a fused feature reads ``M * w_{k-1}`` channels, and the decoder's widths follow its
+skips (``M * w_k`` for the concatenation-skip models). With M = 2 this is exactly the paper's layouts.
+
+Attention maps: after every forward pass of a model with SA gates, ``model.attention_maps`` holds the
+detached maps, ``{"master": [s_0 .. s_depth], "assistant1": [...], ...}`` (one (B, 1, h_k, w_k) tensor per
+encoder block, shallow to deep; the proposed network only has ``"master"``, whose maps gate every stream).
+Recording is on by default (it keeps references to maps that exist anyway, ~1.33 x B x H x W values);
+set ``model.record_attention = False`` to skip it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from modalseg.errors import ConfigError
+from modalseg.models.blocks import ConvBlock, NormFactory, SpatialAttention, UpBlock
+
+__all__ = [
+    "EncoderStream",
+    "Fusion",
+    "UNetDecoder",
+    "FusionConfig",
+    "FusionUNet",
+]
+
+
+class EncoderStream(nn.Module):
+    """One modality's encoder: a double-conv block per level, optionally an SA gate after each block.
+
+    ``in_channels[k]`` is what block ``k`` reads (it differs from ``widths[k-1]`` when the block is fed a
+    fused feature). Pooling is left to the caller, which decides what each block reads.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        widths: Sequence[int],
+        attention: bool = False,
+        sa_reduction: int = 16,
+        sa_dilation: int = 4,
+        norm: NormFactory = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != len(widths):
+            raise ValueError("one input width per level is needed")
+        self.widths = tuple(widths)
+        self.blocks = nn.ModuleList(
+            ConvBlock(c, w, norm=norm) for c, w in zip(in_channels, widths, strict=True)
+        )
+        self.gates = (
+            nn.ModuleList(SpatialAttention(w, sa_reduction, sa_dilation, norm=norm) for w in widths)
+            if attention
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+class Fusion(nn.Module):
+    """Multi-layer fusion operator: channel concatenation (paper 1) or element-wise sum (FuseNet)."""
+
+    def __init__(self, mode: str = "concat") -> None:
+        super().__init__()
+        if mode not in ("concat", "sum"):
+            raise ValueError(f"unknown fusion {mode!r} (concat | sum)")
+        self.mode = mode
+
+    def out_channels(self, channels: Sequence[int]) -> int:
+        if self.mode == "concat":
+            return sum(channels)
+        if len(set(channels)) != 1:
+            raise ValueError(f"sum fusion needs equal widths, got {list(channels)}")
+        return channels[0]
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(features) == 1:
+            return features[0]
+        if self.mode == "concat":
+            return torch.cat(tuple(features), dim=1)
+        out = features[0] + features[1]
+        for f in features[2:]:
+            out = out + f
+        return out
+
+    def extra_repr(self) -> str:
+        return self.mode
+
+
+class UNetDecoder(nn.Module):
+    """U-Net decoder: one :class:`UpBlock` per skip (deep to shallow), then a Conv1x1 head to logits.
+
+    ``skip_channels`` and ``widths`` are listed shallow to deep (``widths`` default to the skip widths,
+    as in U-Net). The softmax is left to the loss (paper 1 Eq. 1).
+    """
+
+    def __init__(
+        self,
+        bottleneck_channels: int,
+        skip_channels: Sequence[int],
+        num_classes: int,
+        widths: Sequence[int] | None = None,
+        upsample: str = "bilinear",
+        norm: NormFactory = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        widths = tuple(skip_channels) if widths is None else tuple(widths)
+        if len(widths) != len(skip_channels):
+            raise ValueError("one decoder width per skip is needed")
+        ups = []
+        cin = bottleneck_channels
+        for k in reversed(range(len(skip_channels))):
+            ups.append(UpBlock(cin, skip_channels[k], widths[k], mode=upsample, norm=norm))
+            cin = widths[k]
+        self.ups = nn.ModuleList(ups)
+        self.head = nn.Conv2d(cin, num_classes, kernel_size=1)
+
+    def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = bottleneck
+        for up, skip in zip(self.ups, reversed(skips), strict=True):
+            x = up(x, skip)
+        return self.head(x)
+
+
+_FUSIONS = ("none", "concat", "sum")
+_ATTENTIONS = ("none", "per_stream", "master")
+_SOURCES = ("fused", "master")
+_BOTTLENECKS = ("fused", "master", "sum")
+_UPSAMPLES = ("bilinear", "transpose")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """What a :class:`FusionUNet` is made of.
+
+    Attributes:
+        num_modalities: channel groups of the input, master first.
+        in_channels: channels per modality.
+        num_classes: output logits.
+        widths: encoder widths per level of every stream (``depth + 1`` entries; ``depth`` poolings).
+        stack_inputs: one stream reads all modalities stacked (early fusion); no assistant streams.
+        fusion: ``none`` (single stream), ``concat`` or ``sum`` of master and assistant features.
+        fuse_into_master: master block k+1 reads the pooled fused feature y_k (multi-layer fusion);
+            otherwise the master continues from its own features (late fusion).
+        skip_source: the decoder's skips are the fused features (``fused``) or the master's own
+            (``master``, FuseOriginUNet).
+        bottleneck: what the decoder starts from: the fused deepest features (``fused``), the master's
+            (``master``) or master + assistants (``sum``, parameter-free; FuseOriginUNet, see its builder).
+        attention: ``none``; ``per_stream`` (every stream gated by its own SA map); ``master`` (only the
+            master has SA gates and its map multiplies the master and every assistant; the proposed network).
+        assistant_from_sa: assistant block k+1 reads the SA-gated assistant features (True) or the ungated
+            ones (False). Paper 1 leaves this open (same parameter count); the default True follows the
+            paper's "SA block before each pooling layer" and U-Net + SA, where the gated map is pooled.
+        upsample: ``bilinear`` (+ Conv3x3-BN-ReLU) or ``transpose`` (2x2 transposed conv).
+        decoder_widths: decoder widths per skip level (default: the skip widths).
+        sa_reduction, sa_dilation: SA block's r and d (paper 1: 16 and 4).
+    """
+
+    num_modalities: int
+    in_channels: int
+    num_classes: int
+    widths: tuple[int, ...]
+    stack_inputs: bool = False
+    fusion: str = "none"
+    fuse_into_master: bool = False
+    skip_source: str = "fused"
+    bottleneck: str = "fused"
+    attention: str = "none"
+    assistant_from_sa: bool = True
+    upsample: str = "bilinear"
+    decoder_widths: tuple[int, ...] | None = None
+    sa_reduction: int = 16
+    sa_dilation: int = 4
+    name: str = field(default="fusion_unet", compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> ConfigError:
+            return ConfigError(f"model {self.name}: {msg}")
+
+        for key, value, allowed in (
+            ("fusion", self.fusion, _FUSIONS),
+            ("attention", self.attention, _ATTENTIONS),
+            ("skip_source", self.skip_source, _SOURCES),
+            ("bottleneck", self.bottleneck, _BOTTLENECKS),
+            ("upsample", self.upsample, _UPSAMPLES),
+        ):
+            if value not in allowed:
+                raise bad(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.num_modalities < 1 or self.in_channels < 1 or self.num_classes < 1:
+            raise bad(
+                "num_modalities, in_channels and num_classes must be >= 1, got "
+                f"{self.num_modalities}, {self.in_channels}, {self.num_classes}"
+            )
+        if len(self.widths) < 2 or min(self.widths) < 1:
+            raise bad(f"needs depth >= 1 and positive widths, got widths {list(self.widths)}")
+        if self.sa_reduction < 1 or self.sa_dilation < 1:
+            raise bad(
+                f"sa_reduction and sa_dilation must be >= 1, got {self.sa_reduction}, {self.sa_dilation}"
+            )
+        if self.fusion == "none":
+            if self.num_modalities > 1 and not self.stack_inputs:
+                raise bad(f"is single-modality but num_modalities={self.num_modalities}")
+        else:
+            if self.stack_inputs:
+                raise bad("stack_inputs (early fusion) has a single stream; use fusion='none'")
+            if self.num_modalities < 2:
+                raise bad(
+                    f"fuses a master with assistants and needs num_modalities >= 2, got {self.num_modalities}"
+                )
+        if self.decoder_widths is not None and len(self.decoder_widths) != self.depth:
+            raise bad(f"needs {self.depth} decoder widths, got {list(self.decoder_widths)}")
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths) - 1
+
+    @property
+    def num_assistants(self) -> int:
+        return 0 if self.fusion == "none" else self.num_modalities - 1
+
+
+class FusionUNet(nn.Module):
+    """The generic paired-fusion U-Net of paper 1: every U-Net-based Table 1 row is a :class:`FusionConfig`.
+
+    Input: ``(B, num_modalities * in_channels, H, W)``, modalities as channel groups, master first.
+    Output: logits ``(B, num_classes, H, W)``. See the module docstring for the layouts and attention maps.
+    """
+
+    def __init__(self, config: FusionConfig, norm: NormFactory = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.config = cfg = config
+        widths = cfg.widths
+        n_assist = cfg.num_assistants
+        self.fusion = Fusion(cfg.fusion if cfg.fusion != "none" else "concat")
+        fused = [self.fusion.out_channels([w] * (1 + n_assist)) for w in widths]
+
+        stream_in = cfg.in_channels * (cfg.num_modalities if cfg.stack_inputs else 1)
+        master_in = [stream_in] + [fused[k] if cfg.fuse_into_master else widths[k] for k in range(cfg.depth)]
+        assistant_in = [stream_in] + list(widths[:-1])
+        sa_kw = dict(sa_reduction=cfg.sa_reduction, sa_dilation=cfg.sa_dilation, norm=norm)
+        self.master = EncoderStream(master_in, widths, attention=cfg.attention != "none", **sa_kw)
+        self.assistants = nn.ModuleList(
+            EncoderStream(assistant_in, widths, attention=cfg.attention == "per_stream", **sa_kw)
+            for _ in range(n_assist)
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.sum = Fusion("sum")
+        skip_in = fused[:-1] if cfg.skip_source == "fused" else list(widths[:-1])
+        bottleneck_in = fused[-1] if cfg.bottleneck == "fused" else widths[-1]
+        self.decoder = UNetDecoder(
+            bottleneck_in,
+            skip_in,
+            cfg.num_classes,
+            widths=cfg.decoder_widths,
+            upsample=cfg.upsample,
+            norm=norm,
+        )
+        self.record_attention = True
+        self.attention_maps: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def expected_channels(self) -> int:
+        return self.config.num_modalities * self.config.in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != self.expected_channels:
+            raise ConfigError(
+                f"model {cfg.name}: expects input (B, {self.expected_channels}, H, W) = {cfg.num_modalities} "
+                f"modalities x {cfg.in_channels} channels, got {tuple(x.shape)}"
+            )
+        n_assist = len(self.assistants)
+        if n_assist:
+            inputs = list(torch.split(x, cfg.in_channels, dim=1))
+            m_in, a_in = inputs[0], inputs[1:]
+        else:
+            m_in, a_in = x, []
+        record = self.record_attention and cfg.attention != "none"
+        maps: dict[str, list[torch.Tensor]] = {}
+        if record:
+            maps["master"] = []
+            if cfg.attention == "per_stream":
+                for i in range(n_assist):
+                    maps[f"assistant{i + 1}"] = []
+
+        fused_skips = cfg.skip_source == "fused" and n_assist > 0
+        skips: list[torch.Tensor] = []
+        last = cfg.depth
+        for k in range(last + 1):
+            fm = self.master.blocks[k](m_in)
+            fa = [s.blocks[k](a) for s, a in zip(self.assistants, a_in, strict=True)]
+            if cfg.attention == "none":
+                gm, ga = fm, fa
+            else:
+                sm = self.master.gates[k](fm)
+                gm = fm * sm
+                if cfg.attention == "master":
+                    ga = [f * sm for f in fa]
+                    if record:
+                        maps["master"].append(sm.detach())
+                else:
+                    sa = [s.gates[k](f) for s, f in zip(self.assistants, fa, strict=True)]
+                    ga = [f * s for f, s in zip(fa, sa, strict=True)]
+                    if record:
+                        maps["master"].append(sm.detach())
+                        for i, s in enumerate(sa):
+                            maps[f"assistant{i + 1}"].append(s.detach())
+            if k < last:
+                into_master = cfg.fuse_into_master and n_assist > 0
+                y = self.fusion([gm, *ga]) if (into_master or fused_skips) else gm
+                skips.append(y if fused_skips else gm)
+                m_in = self.pool(y if into_master else gm)
+                a_in = [self.pool(g) for g in (ga if cfg.assistant_from_sa else fa)]
+        if not n_assist or cfg.bottleneck == "master":
+            bottleneck = gm
+        elif cfg.bottleneck == "fused":
+            bottleneck = self.fusion([gm, *ga])
+        else:
+            bottleneck = self.sum([gm, *ga])
+        self.attention_maps = maps
+        return self.decoder(bottleneck, skips)
