@@ -21,9 +21,7 @@ def eq1_reference(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, 
         for k in range(1, c):
             p = prob[i, k].flatten()
             y = (target[i] == k).double().flatten()
-            dice_terms.append(
-                1.0 - (2.0 * float((p * y).sum()) + eps) / (float(p.sum()) + float(y.sum()) + eps)
-            )
+            dice_terms.append(1.0 - (2.0 * float((p * y).sum()) + eps) / (float(p.sum()) + float(y.sum()) + eps))
     log_prob = torch.log_softmax(logits, dim=1)
     ce_terms = [
         -float(log_prob[i, int(target[i, h, w]), h, w])
@@ -78,9 +76,7 @@ def test_alpha_and_eps():
     logits = torch.randn(2, 2, 8, 8, generator=g)
     target = torch.randint(0, 2, (2, 8, 8), generator=g)
     ce = F.cross_entropy(logits, target).item()
-    assert DiceCELoss(alpha=0.0)(logits, target).item() == pytest.approx(
-        eq1_reference(logits, target) - ce, rel=1e-5
-    )
+    assert DiceCELoss(alpha=0.0)(logits, target).item() == pytest.approx(eq1_reference(logits, target) - ce, rel=1e-5)
     assert dice_ce_loss(logits, target, eps=0.5, alpha=2.0).item() == pytest.approx(
         eq1_reference(logits, target, eps=0.5, alpha=2.0), rel=1e-5
     )

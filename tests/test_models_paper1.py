@@ -33,9 +33,7 @@ def tiny(name: str, num_modalities: int | None = None, in_channels: int = 1, num
     opts = {"base_width": 4} if name.startswith("fusenet") else {"base_width": 8, "sa_reduction": 4}
     opts.update(kw)
     torch.manual_seed(0)
-    return create_model(
-        name, num_modalities=num_modalities, in_channels=in_channels, num_classes=num_classes, **opts
-    )
+    return create_model(name, num_modalities=num_modalities, in_channels=in_channels, num_classes=num_classes, **opts)
 
 
 def n_params(model: nn.Module) -> int:
@@ -149,12 +147,8 @@ def _capture(model: nn.Module):
     model.master.blocks[0].register_forward_hook(lambda m, i, o: got.__setitem__("fm0", o.detach().clone()))
     model.master.blocks[1].register_forward_pre_hook(lambda m, i: got.__setitem__("m_in1", i[0].detach()))
     for a, stream in enumerate(model.assistants):
-        stream.blocks[0].register_forward_hook(
-            lambda m, i, o, a=a: got.__setitem__(f"fa0_{a}", o.detach().clone())
-        )
-        stream.blocks[1].register_forward_pre_hook(
-            lambda m, i, a=a: got.__setitem__(f"a_in1_{a}", i[0].detach())
-        )
+        stream.blocks[0].register_forward_hook(lambda m, i, o, a=a: got.__setitem__(f"fa0_{a}", o.detach().clone()))
+        stream.blocks[1].register_forward_pre_hook(lambda m, i, a=a: got.__setitem__(f"a_in1_{a}", i[0].detach()))
     model.decoder.ups[-1].register_forward_pre_hook(lambda m, i: got.__setitem__("skip0", i[1].detach()))
     return got
 
@@ -255,15 +249,9 @@ def test_fuse_origin_master_reads_concat_decoder_reads_master():
     model = tiny("fuse_origin_unet")
     got = _capture(model)
     deepest: dict[str, torch.Tensor] = {}
-    model.master.blocks[-1].register_forward_hook(
-        lambda m, i, o: deepest.__setitem__("m", o.detach().clone())
-    )
-    model.assistants[0].blocks[-1].register_forward_hook(
-        lambda m, i, o: deepest.__setitem__("a", o.detach().clone())
-    )
-    model.decoder.ups[0].register_forward_pre_hook(
-        lambda m, i: deepest.__setitem__("bottleneck", i[0].detach())
-    )
+    model.master.blocks[-1].register_forward_hook(lambda m, i, o: deepest.__setitem__("m", o.detach().clone()))
+    model.assistants[0].blocks[-1].register_forward_hook(lambda m, i, o: deepest.__setitem__("a", o.detach().clone()))
+    model.decoder.ups[0].register_forward_pre_hook(lambda m, i: deepest.__setitem__("bottleneck", i[0].detach()))
     model(torch.randn(2, 2, 32, 32))
     torch.testing.assert_close(got["m_in1"], F.max_pool2d(torch.cat([got["fm0"], got["fa0_0"]], dim=1), 2))
     torch.testing.assert_close(got["skip0"], got["fm0"])

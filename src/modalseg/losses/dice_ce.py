@@ -64,9 +64,7 @@ class DiceCELoss(nn.Module):
 _DEFAULT = DiceCELoss()
 
 
-def dice_ce_loss(
-    logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, alpha: float = 1.0
-) -> torch.Tensor:
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
     """Functional form of :class:`DiceCELoss` (paper 1 Eq. 1)."""
     loss = _DEFAULT if (eps == 1.0 and alpha == 1.0) else DiceCELoss(eps=eps, alpha=alpha)
     return loss(logits, target)

@@ -48,9 +48,7 @@ class FuseNet(nn.Module):
     ) -> None:
         super().__init__()
         if num_modalities < 2:
-            raise ConfigError(
-                f"model fusenet: needs num_modalities >= 2 (master + assistants), got {num_modalities}"
-            )
+            raise ConfigError(f"model fusenet: needs num_modalities >= 2 (master + assistants), got {num_modalities}")
         if fusion not in ("sum", "concat"):
             raise ConfigError(f"model fusenet: fusion must be sum or concat, got {fusion!r}")
         if in_channels < 1 or num_classes < 1 or base_width < 1:
@@ -72,8 +70,7 @@ class FuseNet(nn.Module):
         )
         self.assistants = nn.ModuleList(
             nn.ModuleList(
-                ConvBlock(c, w, num_convs=n, norm=norm)
-                for c, (w, n) in zip(assistant_in, stages, strict=True)
+                ConvBlock(c, w, num_convs=n, norm=norm) for c, (w, n) in zip(assistant_in, stages, strict=True)
             )
             for _ in range(num_modalities - 1)
         )

@@ -69,9 +69,7 @@ class EncoderStream(nn.Module):
         if len(in_channels) != len(widths):
             raise ValueError("one input width per level is needed")
         self.widths = tuple(widths)
-        self.blocks = nn.ModuleList(
-            ConvBlock(c, w, norm=norm) for c, w in zip(in_channels, widths, strict=True)
-        )
+        self.blocks = nn.ModuleList(ConvBlock(c, w, norm=norm) for c, w in zip(in_channels, widths, strict=True))
         self.gates = (
             nn.ModuleList(SpatialAttention(w, sa_reduction, sa_dilation, norm=norm) for w in widths)
             if attention
@@ -219,9 +217,7 @@ class FusionConfig:
         if len(self.widths) < 2 or min(self.widths) < 1:
             raise bad(f"needs depth >= 1 and positive widths, got widths {list(self.widths)}")
         if self.sa_reduction < 1 or self.sa_dilation < 1:
-            raise bad(
-                f"sa_reduction and sa_dilation must be >= 1, got {self.sa_reduction}, {self.sa_dilation}"
-            )
+            raise bad(f"sa_reduction and sa_dilation must be >= 1, got {self.sa_reduction}, {self.sa_dilation}")
         if self.fusion == "none":
             if self.num_modalities > 1 and not self.stack_inputs:
                 raise bad(f"is single-modality but num_modalities={self.num_modalities}")
@@ -229,9 +225,7 @@ class FusionConfig:
             if self.stack_inputs:
                 raise bad("stack_inputs (early fusion) has a single stream; use fusion='none'")
             if self.num_modalities < 2:
-                raise bad(
-                    f"fuses a master with assistants and needs num_modalities >= 2, got {self.num_modalities}"
-                )
+                raise bad(f"fuses a master with assistants and needs num_modalities >= 2, got {self.num_modalities}")
         if self.decoder_widths is not None and len(self.decoder_widths) != self.depth:
             raise bad(f"needs {self.depth} decoder widths, got {list(self.decoder_widths)}")
 

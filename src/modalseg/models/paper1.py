@@ -88,9 +88,7 @@ def _int_option(name: str, model: str, value: Any, minimum: int = 1) -> int:
 def _options(model: str, options: dict[str, Any], base_width: int) -> dict[str, Any]:
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
-        raise ConfigError(
-            f"model {model}: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}"
-        )
+        raise ConfigError(f"model {model}: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}")
     out = {
         "base_width": _int_option("base_width", model, options.get("base_width", base_width)),
         "depth": _int_option("depth", model, options.get("depth", 4)),
@@ -193,16 +191,12 @@ _register(
 _register(
     "fuse_unet_sa",
     "FuseUNet + SA: every stream gated by its own SA map at each of the 5 encoder blocks.",
-    _fusion_builder(
-        "fuse_unet_sa", False, 32, fusion="concat", fuse_into_master=True, attention="per_stream"
-    ),
+    _fusion_builder("fuse_unet_sa", False, 32, fusion="concat", fuse_into_master=True, attention="per_stream"),
 )
 _register(
     "master_assistant",
     "Proposed (paper 1): FuseUNet whose master SA maps gate the master and every assistant stream.",
-    _fusion_builder(
-        "master_assistant", False, 32, fusion="concat", fuse_into_master=True, attention="master"
-    ),
+    _fusion_builder("master_assistant", False, 32, fusion="concat", fuse_into_master=True, attention="master"),
 )
 
 
@@ -211,9 +205,7 @@ def _fusenet_builder(name: str, fusion: str) -> Callable[..., FuseNet]:
         n = _check_modalities(name, num_modalities, False)
         opts = _options(name, options, 64)
         if "depth" in options and opts["depth"] != 5:
-            raise ConfigError(
-                f"model {name}: the VGG16 encoder has 5 stages; depth must be 5, got {opts['depth']}"
-            )
+            raise ConfigError(f"model {name}: the VGG16 encoder has 5 stages; depth must be 5, got {opts['depth']}")
         return FuseNet(
             num_modalities=n,
             in_channels=_int_option("in_channels", name, in_channels),
