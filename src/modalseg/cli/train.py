@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--fold must be an integer or 'all' (got {args.fold!r})") from None
     results = train_many(cfg, folds=folds, runs=args.runs, resume=args.resume)
-    print(json.dumps(results, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # torchrun: only the main process reports
+        print(json.dumps(results, indent=2))
     return 0
 
 

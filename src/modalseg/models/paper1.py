@@ -10,7 +10,8 @@ keyword options:
 - ``sa_reduction`` (r, default 16), ``sa_dilation`` (d, default 4): the SA block of Fig. 3b.
 - ``assistant_from_sa`` (default True): assistant block k+1 reads the SA-gated assistant features (the SA
   block sits "before each pooling layer"); False: the ungated ones. Same parameter count either way.
-- ``norm``: normalisation factory ``channels -> nn.Module`` (default ``nn.BatchNorm2d``).
+- ``norm``: normalisation factory ``channels -> nn.Module`` or a name from :data:`NORM_LAYERS`
+  ("batch", "instance", "group"; default ``nn.BatchNorm2d``).
 
 Options that a model does not use (e.g. ``sa_reduction`` for FuseUNet) are accepted and ignored, so one
 ``model_options`` mapping can serve a whole Table 1 sweep; unknown names raise :class:`ConfigError`.
@@ -99,9 +100,32 @@ def _options(model: str, options: dict[str, Any], base_width: int) -> dict[str, 
     }
     if not isinstance(out["assistant_from_sa"], bool):
         raise ConfigError(f"model {model}: option assistant_from_sa must be true or false")
+    if isinstance(out["norm"], str):
+        if out["norm"] not in NORM_LAYERS:
+            known = ", ".join(NORM_LAYERS)
+            raise ConfigError(f"model {model}: option norm must be one of {known}, got {out['norm']!r}")
+        out["norm"] = NORM_LAYERS[out["norm"]]
     if not callable(out["norm"]):
-        raise ConfigError(f"model {model}: option norm must be a callable channels -> module")
+        raise ConfigError(f"model {model}: option norm must be a name or a callable channels -> module")
     return out
+
+
+def _instance_norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm2d(channels, affine=True)
+
+
+def _group_norm(channels: int) -> nn.Module:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
+#: Names usable in config files for the ``norm`` option. "instance" and "group" normalise each image on its own,
+#: which makes multi-process (DDP) training on CPU match single-process training exactly (BatchNorm uses per-rank
+#: batch statistics under DDP; SyncBatchNorm is CUDA-only).
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    "batch": nn.BatchNorm2d,
+    "instance": _instance_norm,
+    "group": _group_norm,
+}
 
 
 def _check_modalities(model: str, num_modalities: Any, single: bool) -> int:
