@@ -130,17 +130,17 @@ def test_predict_writes_input_geometry_and_evaluate(breast_dataset, tmp_path):
     assert main(["predict", "--model", str(tmp_path / "run"), "--input", *map(str, case.images),
                  "--output", str(out), "--probabilities", "--precision", "fp32"]) == 0
     pred_file = next(out.glob("*.nii.gz"))
-    src, pred = read_volume(case.images[0]), read_volume(out / f"{case.case_id}_0000.nii.gz", kind="label")
+    src, pred = read_volume(case.images[0]), read_volume(out / f"{case.case_id}.nii.gz", kind="label")
     del pred_file
     assert pred.shape == src.shape
     np.testing.assert_allclose(pred.affine, src.affine, atol=1e-5)
     assert set(np.unique(pred.array)) <= {0, 1}
-    probs = read_volume(out / f"{case.case_id}_0000_prob_mass.nii.gz")
+    probs = read_volume(out / f"{case.case_id}_prob_mass.nii.gz")
     assert probs.shape == src.shape and 0.0 <= probs.array.min() and probs.array.max() <= 1.0
     # evaluate the prediction against its reference label
     labels = tmp_path / "labels"
     labels.mkdir()
-    (labels / f"{case.case_id}_0000.nii.gz").write_bytes(Path(case.label).read_bytes())
+    (labels / f"{case.case_id}.nii.gz").write_bytes(Path(case.label).read_bytes())
     for f in out.glob("*_prob_*"):
         f.unlink()
     assert main(["evaluate", "--pred", str(out), "--labels", str(labels), "--dataset", str(breast_dataset),

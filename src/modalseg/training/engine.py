@@ -320,16 +320,14 @@ class Trainer:
                           "train_loss": float(np.mean(losses)) if losses else float("nan"),
                           "lr": self.optimizer.param_groups[0]["lr"],
                           "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
+                improved = False
                 if self.epoch % cfg.val_every == 0 or stop or self.epoch == cfg.epochs:
                     record["val_dice"] = self.validate()
-                    if record["val_dice"] > self.best:
-                        self.best = record["val_dice"]
-                        self.history.append(record)
-                        self.save("best.pt")
-                    else:
-                        self.history.append(record)
-                else:
-                    self.history.append(record)
+                    improved = record["val_dice"] > self.best
+                    self.best = max(self.best, record["val_dice"])
+                self.history.append(record)
+                if improved:
+                    self.save("best.pt")
                 self.save("latest.pt")
                 self._log(record, writer)
         if writer is not None:

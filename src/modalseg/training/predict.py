@@ -120,7 +120,9 @@ def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[
             f"the model needs {expected} file(s), one per modality ({', '.join(meta.modalities)}); got {len(paths)}",
             paths[0],
         )
-    return {strip_extension(paths[0].name): paths}
+    stem = strip_extension(paths[0].name)
+    match = _CHANNEL_RE.match(stem)
+    return {match.group(1) if match else stem: paths}
 
 
 def _check_geometry(volumes: Sequence[Volume], tol: float = 1e-3) -> None:
