@@ -168,3 +168,16 @@ def test_resume_with_other_model_is_refused(breast_dataset, tmp_path, capsys):
                  "--set", "model_options={base_width: 4}", "--set", "progress=false", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "different model" in err and "master_assistant" in err
+
+
+def test_unpaired_splits_are_stratified_by_modality():
+    from modalseg.training.splits import make_splits
+
+    patients = [f"ct_{i}" for i in range(6)] + [f"mr_{i}" for i in range(5)]
+    strata = {p: p[:2] for p in patients}
+    for seed in range(5):
+        splits = make_splits(patients, 5, seed, strata)
+        for fold in splits:
+            assert {p[:2] for p in fold["val"]} == {"ct", "mr"}
+            assert sorted(fold["train"] + fold["val"]) == sorted(patients)
+        assert sorted(p for f in splits for p in f["val"]) == sorted(patients)

@@ -110,7 +110,9 @@ class Trainer:
         self.pp = make_preprocess(cfg)
         self.cache = prepare_cache(cfg, self.spec, self.pp, self.dist)
         patients = sorted({r["patient_id"] for r in self.cache.records})
-        splits = load_or_create_splits(Path(cfg.output) / "splits.json", patients, cfg.folds, cfg.split_seed)
+        # unpaired data: each modality has its own patients; stratify so every fold validates on every modality
+        strata = None if self.spec.paired else {r["patient_id"]: r["modality"] for r in self.cache.records}
+        splits = load_or_create_splits(Path(cfg.output) / "splits.json", patients, cfg.folds, cfg.split_seed, strata)
         self.split = splits[cfg.fold]
         self.paired = self.spec.paired
         self._build_model()

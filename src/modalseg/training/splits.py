@@ -15,14 +15,31 @@ from modalseg.errors import DataError
 from modalseg.utils.atomic import atomic_write_text
 
 
-def make_splits(patients: list[str], folds: int, seed: int = 0) -> list[dict[str, list[str]]]:
-    """K-fold split of the unique patient ids (shuffled with ``seed``), each fold {"train": [...], "val": [...]}."""
+def make_splits(
+    patients: list[str], folds: int, seed: int = 0, strata: dict[str, str] | None = None
+) -> list[dict[str, list[str]]]:
+    """K-fold split of the unique patient ids (shuffled with ``seed``), each fold {"train": [...], "val": [...]}.
+
+    ``strata`` (patient -> group, e.g. its modality in an unpaired dataset, where each modality has its own
+    patients) splits every group separately, so each fold validates on every group.
+    """
     unique = sorted(set(patients))
-    if len(unique) < folds:
-        raise DataError(f"{len(unique)} patient(s) cannot be split into {folds} folds; lower `folds`")
-    order = np.random.default_rng(seed).permutation(len(unique))
-    shuffled = [unique[i] for i in order]
-    parts = [shuffled[k::folds] for k in range(folds)]
+    groups: dict[str, list[str]] = {}
+    for p in unique:
+        groups.setdefault((strata or {}).get(p, ""), []).append(p)
+    for name, members in groups.items():
+        if len(members) < folds:
+            what = f" of {name}" if name else ""
+            raise DataError(f"{len(members)} patient(s){what} cannot be split into {folds} folds; lower `folds`")
+    rng = np.random.default_rng(seed)
+    parts: list[list[str]] = [[] for _ in range(folds)]
+    offset = 0
+    for name in sorted(groups):
+        members = groups[name]
+        shuffled = [members[i] for i in rng.permutation(len(members))]
+        for i, p in enumerate(shuffled):  # continue the round robin so fold sizes stay balanced
+            parts[(offset + i) % folds].append(p)
+        offset += len(members)
     return [
         {"train": sorted(p for j, part in enumerate(parts) if j != k for p in part), "val": sorted(parts[k])}
         for k in range(folds)
@@ -30,7 +47,7 @@ def make_splits(patients: list[str], folds: int, seed: int = 0) -> list[dict[str
 
 
 def load_or_create_splits(
-    path: str | Path, patients: list[str], folds: int, seed: int = 0
+    path: str | Path, patients: list[str], folds: int, seed: int = 0, strata: dict[str, str] | None = None
 ) -> list[dict[str, list[str]]]:
     """Load ``splits.json`` if present (validated), else create it atomically."""
     path = Path(path)
@@ -54,6 +71,6 @@ def load_or_create_splits(
         if len(splits) != folds:
             raise DataError(f"has {len(splits)} folds but {folds} were requested", path)
         return splits
-    splits = make_splits(patients, folds, seed)
+    splits = make_splits(patients, folds, seed, strata)
     atomic_write_text(path, json.dumps(splits, indent=2))
     return splits
