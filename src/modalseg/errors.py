@@ -35,3 +35,7 @@ class CheckpointError(ModalsegError):
 
 class OutputError(ModalsegError):
     """An output location cannot be written (permissions, disk full)."""
+
+
+class TrainingError(ModalsegError):
+    """Training cannot go on (e.g. the loss became NaN/inf); the last checkpoint is kept."""

@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from modalseg.training.evaluate_folder import evaluate_folders
+    from modalseg.utils.atomic import check_output_folder
+
+    check_output_folder(args.output)  # before any volume is read
 
     summary = evaluate_folders(Path(args.pred), Path(args.labels), Path(args.output),
                                dataset=Path(args.dataset) if args.dataset else None, hd95_convention=args.hd95)

@@ -25,9 +25,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from modalseg.data.io import is_supported
+    from modalseg.errors import OutputError
     from modalseg.training.precision import resolve_device, resolve_precision
     from modalseg.training.predict import find_cases, load_models, predict_case, write_prediction
+    from modalseg.utils.atomic import check_output_folder
 
+    check_output_folder(args.output)  # fail before loading models or reading any volume
+    if not is_supported(f"x{args.file_ending}"):
+        raise OutputError(f"--file-ending {args.file_ending!r} is not a supported output format "
+                          "(.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd)")
     precision = resolve_precision(resolve_device(args.device), args.precision)
     models = load_models(args.model, precision)
     meta = models[0].meta

@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
             folds = [int(args.fold)]
         except ValueError:
             raise ConfigError(f"--fold must be an integer or 'all' (got {args.fold!r})") from None
+    from modalseg.utils.atomic import check_output_folder
+
+    check_output_folder(cfg.output)  # before any cache is built or any checkpoint is due
+    if cfg.cache_dir:
+        check_output_folder(cfg.cache_dir)
     results = train_many(cfg, folds=folds, runs=args.runs, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # torchrun: only the main process reports
         print(json.dumps(results, indent=2))
@@ -79,6 +84,7 @@ def train_many(cfg, *, folds: list[int], runs: int = 1, resume: bool = False) ->
 
     from modalseg.training.engine import Trainer
     from modalseg.training.evaluate import evaluate_trainer
+    from modalseg.utils.atomic import check_output_folder
 
     results = []
     for r in range(runs):
@@ -86,6 +92,7 @@ def train_many(cfg, *, folds: list[int], runs: int = 1, resume: bool = False) ->
         for k in folds:
             run_cfg = dataclasses.replace(cfg, fold=k, seed=cfg.seed + r, output=str(out))
             run_cfg.validate()
+            check_output_folder(out / f"fold_{k}")  # e.g. a stray file named fold_K
             trainer = Trainer(run_cfg, resume=resume and (out / f"fold_{k}" / "latest.pt").exists())
             summary = trainer.fit()
             if trainer.dist.is_main:

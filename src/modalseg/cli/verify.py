@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(problem, file=sys.stderr)
         n = len(report.problems)
-        print(f"modalseg verify: {n} problem{'s' if n > 1 else ''} found", file=sys.stderr)
+        if n > 1:  # a single problem is its own summary: stderr stays one line naming the file
+            print(f"modalseg verify: {n} problems found", file=sys.stderr)
         return 2
     print("OK")
     return 0

@@ -46,7 +46,8 @@ import torch
 from modalseg.data import io as mio
 from modalseg.data.preprocess import PreprocessConfig, SliceGeometry, preprocess_volume
 from modalseg.data.types import CaseFiles, DatasetSpec
-from modalseg.errors import ConfigError, DataError
+from modalseg.data.verify import geometry_problems, intensity_problems
+from modalseg.errors import ConfigError, DataError, OutputError
 from modalseg.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,10 @@ def build_slice_cache(
         raise DataError(f"cannot create cache folder ({exc.strerror or exc})", root) from None
     _remove_stale_tmp(root)
     host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-{host}-{os.getpid()}-", dir=root))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-{host}-{os.getpid()}-", dir=root))
+    except OSError as exc:
+        raise OutputError(f"cannot write the slice cache ({exc.strerror or exc})", root) from None
     try:
         _build_into(tmp, spec, cfg, selected, fingerprint, progress)
         if final.exists():  # invalid leftover (checked above) or a concurrent builder's finished cache
@@ -280,6 +284,9 @@ def build_slice_cache(
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
         _fsync_dir(root)
+    except OSError as exc:  # disk full, quota, permissions while writing the cache (reads raise DataError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write the slice cache ({exc.strerror or exc}); nothing was kept", root) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -353,18 +360,31 @@ def _read_case(
         if case.modality not in spec.modalities:
             raise DataError(f"modality {case.modality!r} is not one of {spec.modalities}", case.images[0])
         channels = [spec.modalities.index(case.modality)]
+    # The cache is the only place training reads files, so it refuses what `modalseg verify` calls a problem
+    # (geometry mismatch, NaN/inf, constant image) instead of training silently on garbage.
+    names = list(spec.modalities) if spec.paired else [str(case.modality)]
     arrays = []
     spacing: tuple[float, ...] = ()
+    ref = None
     for i, p in enumerate(case.images):
         vol = mio.read_volume(p, kind="image")
+        problems = []
         if i == 0:
-            spacing = vol.spacing
-        elif vol.shape != arrays[0].shape:
-            raise DataError(f"shape {vol.shape} differs from modality 0 {arrays[0].shape}", p)
+            spacing, ref = vol.spacing, vol
+        else:
+            if vol.shape != arrays[0].shape:
+                raise DataError(f"shape {vol.shape} differs from modality 0 {arrays[0].shape}", p)
+            problems += geometry_problems(vol, ref, names[i], names[0])
+        problems += intensity_problems(vol)
+        if problems:
+            raise DataError(problems[0])
         arrays.append(np.asarray(vol.array, dtype=np.float32))
     lab = mio.read_volume(case.label, kind="label")
     if lab.shape != arrays[0].shape:
         raise DataError(f"label shape {lab.shape} differs from image shape {arrays[0].shape}", case.label)
+    problems = geometry_problems(lab, ref, "label", "image")
+    if problems:
+        raise DataError(problems[0])
     labels = map_labels(lab.array, lut, case.label)
     return np.stack(arrays), labels, spacing, channels
 

@@ -124,11 +124,24 @@ def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
     except DataError:
         raise
     except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+        if path.name.lower().endswith(".gz") and not _has_gzip_magic(path):
+            # A plain .nii (or another format) saved under a .gz name: say so rather than "corrupt".
+            raise DataError(
+                "named .gz but not gzip-compressed (wrong file extension? an uncompressed NIfTI is .nii)", path
+            ) from None
         raise _corrupt(path, exc) from None
     qform_code = int(header["qform_code"])
     sform_code = int(header["sform_code"])
     meta = {"format": "nifti", "header": header, "qform_code": qform_code, "sform_code": sform_code}
     return data, affine, meta
+
+
+def _has_gzip_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"\x1f\x8b"
+    except OSError:
+        return True  # unreadable: let the caller report the original error
 
 
 def _fdata(img, path: Path) -> np.ndarray:

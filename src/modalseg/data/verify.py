@@ -234,6 +234,30 @@ def _check_intensities(vol: Volume, problems: list[str]) -> None:
         problems.append(f"{vol.path}: constant image (every voxel is {lo:g})")
 
 
+def geometry_problems(
+    vol: Volume,
+    ref: Volume,
+    what: str,
+    ref_name: str,
+    *,
+    spacing_tol: float = 1e-3,
+    direction_tol: float = 1e-3,
+) -> list[str]:
+    """``"PATH: problem"`` lines for a shape, spacing or orientation difference of ``vol`` from ``ref``.
+
+    The same check as :func:`verify_dataset`, for the commands that read files without verifying a whole
+    dataset first (the training cache, ``predict``, ``evaluate``), so that they refuse what verify refuses.
+    """
+    return _compare_geometry(vol, ref, what, ref_name, spacing_tol, direction_tol)
+
+
+def intensity_problems(vol: Volume) -> list[str]:
+    """``"PATH: problem"`` lines for NaN/inf voxels or a constant image (as :func:`verify_dataset`)."""
+    problems: list[str] = []
+    _check_intensities(vol, problems)
+    return problems
+
+
 def check_dataset(spec: DatasetSpec, **kwargs) -> VerifyReport:
     """:func:`verify_dataset`, raising :class:`DataError` with the first problem if there is any."""
     report = verify_dataset(spec, **kwargs)

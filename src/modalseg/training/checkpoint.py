@@ -7,15 +7,20 @@ safe unpickler; a file carrying any other pickled object is refused, never execu
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from modalseg.errors import CheckpointError
 from modalseg.utils.atomic import atomic_torch_save
+
+if TYPE_CHECKING:
+    from modalseg.training.tasks import ModelMeta
 
 FORMAT = "modalseg-checkpoint"
 VERSION = 1
@@ -32,17 +37,73 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError("checkpoint not found", path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns (on stderr) about unusual pickle protocols before refusing them: the refusal is the
+            # message, the warning would only add lines.
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise CheckpointError(
-            f"refused: the file contains pickled objects that are not plain weights ({reason[:160]})", path
+            f"refused: not a plain-weights checkpoint ({_unpickling_reason(exc)}); nothing in it was executed", path
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise CheckpointError(f"unreadable or corrupt checkpoint ({str(exc).splitlines()[0][:160]})", path) from None
+        raise CheckpointError(f"unreadable or corrupt checkpoint ({_first_sentence(exc)})", path) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError("not a modalseg checkpoint", path)
     return state
+
+
+def _first_sentence(exc: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused (a global such as ``posix.system``, or a pickle opcode).
+
+    torch's message is several paragraphs whose wording changes between versions; only the refused global or
+    opcode is kept.
+    """
+    text = str(exc)
+    match = re.search(r"GLOBAL ([\w.]+)", text)
+    if match:
+        return f"it references {match.group(1).rstrip('.')}, which is not a tensor or plain container"
+    match = re.search(r"Unsupported operand (\d+)", text)
+    if match:
+        return f"unsupported pickle opcode {match.group(1)}"
+    return "content that is not tensors or plain containers"
+
+
+def read_model_meta(state: dict[str, Any], ckpt: str | Path) -> ModelMeta:
+    """The checkpoint's :class:`ModelMeta`; a missing or malformed description is a one-line
+    :class:`CheckpointError` (not a ``TypeError`` from the dataclass)."""
+    from modalseg.training.tasks import ModelMeta
+
+    if "meta" not in state:
+        raise CheckpointError("checkpoint has no model description (meta)", ckpt)
+    raw = state["meta"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"invalid model description (meta is a {type(raw).__name__}, not a mapping)", ckpt)
+    try:
+        meta = ModelMeta.from_dict(raw)
+    except TypeError as exc:
+        raise CheckpointError(f"invalid model description ({' '.join(str(exc).split())[:160]})", ckpt) from None
+    if (
+        meta.kind not in ("paired", "unpaired")
+        or not isinstance(meta.modalities, list)
+        or not meta.modalities
+        or not isinstance(meta.labels, dict)
+        or not meta.labels
+        or not isinstance(meta.preprocess, dict)
+        or not isinstance(meta.model_options, dict)
+    ):
+        raise CheckpointError("invalid model description (kind, modalities, labels or preprocess)", ckpt)
+    if meta.num_classes != len(meta.labels):
+        raise CheckpointError(
+            f"invalid model description ({meta.num_classes} classes but {len(meta.labels)} labels)", ckpt
+        )
+    return meta
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, meta: str = "") -> None:

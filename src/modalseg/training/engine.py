@@ -35,8 +35,8 @@ from modalseg.data.layouts import load_dataset
 from modalseg.data.preprocess import PreprocessConfig
 from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
 from modalseg.data.types import DatasetSpec
-from modalseg.errors import CheckpointError, ConfigError
-from modalseg.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from modalseg.errors import CheckpointError, ConfigError, TrainingError
+from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta, save_checkpoint
 from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
 from modalseg.training.inference import foreground_dice_per_group, predict_probabilities
@@ -238,7 +238,7 @@ class Trainer:
         path = self.run_dir / "latest.pt"
         state = load_checkpoint(path)
         if state.get("meta") != self.meta.to_dict():
-            theirs = ModelMeta.from_dict(state["meta"]).describe() if "meta" in state else "(unknown)"
+            theirs = read_model_meta(state, path).describe()
             raise CheckpointError(
                 f"was written for a different model {theirs}; this run is {self.meta.describe()}", path
             )
@@ -274,6 +274,17 @@ class Trainer:
                     ys.append(y.to(self.device))
                 yield (xs, ys), sum(len(v) for v in batch.values())
 
+    def _forward(self, args: tuple) -> tuple[torch.Tensor, dict[str, float]]:
+        try:
+            return self.step_module(*args)
+        except ValueError as exc:
+            if "Expected more than 1 value per channel" not in str(exc):
+                raise
+            raise ConfigError(
+                f"batch_size {self.cfg.batch_size} leaves one value per channel at the network's deepest BatchNorm "
+                "(image too small for the network's depth); use a larger batch_size or image size"
+            ) from None
+
     def fit(self) -> dict[str, Any]:
         """Train to ``cfg.epochs`` (or ``cfg.max_steps``), validating, logging and checkpointing."""
         cfg = self.cfg
@@ -290,9 +301,12 @@ class Trainer:
             for args, n in self._step_batches(self.epoch, self.batch_in_epoch):
                 self.optimizer.zero_grad(set_to_none=True)
                 with self.precision.autocast():
-                    loss, parts = self.step_module(*args)
+                    loss, parts = self._forward(args)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at epoch {self.epoch} step {self.global_step}: {parts}")
+                    raise TrainingError(
+                        f"loss became {float(loss)} at epoch {self.epoch + 1}, step {self.global_step + 1} "
+                        f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); lower lr or check the inputs; "
+                        "the last checkpoint is kept", self.run_dir / "latest.pt")
                 loss.backward()
                 self.optimizer.step()
                 if cfg.lr_step_unit == "iteration":

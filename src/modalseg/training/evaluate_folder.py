@@ -8,6 +8,7 @@ import numpy as np
 
 from modalseg.data.io import is_supported, read_volume, strip_extension
 from modalseg.data.layouts import load_dataset
+from modalseg.data.verify import geometry_problems
 from modalseg.errors import DataError
 from modalseg.evaluation.metrics import aggregate, evaluate_case
 from modalseg.evaluation.tables import write_table
@@ -49,6 +50,11 @@ def evaluate_folders(
         pred_vol = read_volume(preds[case], kind="label")
         if gt_vol.shape != pred_vol.shape:
             raise DataError(f"shape {pred_vol.shape} differs from the reference {gt_vol.shape}", preds[case])
+        # Distances are in the reference's mm: a prediction on another grid (spacing, axis order or flips)
+        # would be scored against the wrong voxels, so refuse it as `modalseg verify` would.
+        problems = geometry_problems(pred_vol, gt_vol, "prediction", "reference")
+        if problems:
+            raise DataError(problems[0])
         gt = _to_index(gt_vol.array, lut, label_path)
         pred = _to_index(pred_vol.array, lut, preds[case])
         results += evaluate_case(pred, gt, num_classes=len(class_names), class_names=class_names,

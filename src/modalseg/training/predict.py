@@ -16,8 +16,9 @@ from torch import nn
 from modalseg.data.io import is_supported, read_volume, strip_extension, write_volume
 from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restore_volume
 from modalseg.data.types import Volume
-from modalseg.errors import CheckpointError, DataError
-from modalseg.training.checkpoint import load_checkpoint, load_model_state
+from modalseg.data.verify import geometry_problems, intensity_problems
+from modalseg.errors import CheckpointError, ConfigError, DataError
+from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta
 from modalseg.training.inference import ensemble_probabilities, predict_probabilities
 from modalseg.training.precision import Precision
 from modalseg.training.tasks import ModelMeta, build_network
@@ -61,8 +62,14 @@ def load_models(paths: Sequence[str | Path], precision: Precision) -> list[Loade
             state = load_checkpoint(ckpt)
             if "meta" not in state or "model_state" not in state:
                 raise CheckpointError("checkpoint has no model description (meta)", ckpt)
-            meta = ModelMeta.from_dict(state["meta"])
-            network = build_network(meta)
+            meta = read_model_meta(state, ckpt)
+            try:
+                network = build_network(meta)
+            except (ConfigError, TypeError, ValueError) as exc:
+                detail = " ".join(str(exc).split())[:200]
+                raise CheckpointError(f"cannot rebuild the model it describes ({detail})", ckpt) from None
+            if not isinstance(state["model_state"], dict):
+                raise CheckpointError("checkpoint has no weights (model_state is not a mapping)", ckpt)
             load_model_state(network, state["model_state"], ckpt)
             network = precision.prepare_model(network).eval()
             models.append(LoadedModel(network, meta, ckpt))
@@ -125,15 +132,17 @@ def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[
     return {match.group(1) if match else stem: paths}
 
 
-def _check_geometry(volumes: Sequence[Volume], tol: float = 1e-3) -> None:
+def _check_inputs(volumes: Sequence[Volume], names: Sequence[str], tol: float = 1e-3) -> None:
+    """Refuse what ``modalseg verify`` refuses: NaN/inf or constant images, and modalities whose shape,
+    spacing (relative ``tol``) or orientation (direction cosines, absolute ``tol``) differ from the first."""
     ref = volumes[0]
-    ref_name = ref.path.name if ref.path else "modality 0"
-    for v in volumes[1:]:
-        if v.shape != ref.shape:
-            raise DataError(f"shape {v.shape} differs from {ref_name} {ref.shape}", v.path)
-        if not np.allclose(v.spacing, ref.spacing, rtol=tol, atol=1e-6):
-            mine, theirs = (tuple(round(s, 4) for s in x.spacing) for x in (v, ref))
-            raise DataError(f"spacing {mine} differs from {theirs} of {ref_name}", v.path)
+    for i, v in enumerate(volumes):
+        problems = intensity_problems(v)
+        if i:
+            name = names[i] if i < len(names) else f"modality {i}"
+            problems = geometry_problems(v, ref, name, names[0], spacing_tol=tol, direction_tol=tol) + problems
+        if problems:
+            raise DataError(problems[0])
 
 
 def predict_case(
@@ -147,10 +156,7 @@ def predict_case(
     """Return (label volume in file label values, probabilities (C, X, Y, Z), reference volume)."""
     meta = models[0].meta
     volumes = [read_volume(f) for f in files]
-    for v in volumes:
-        if not np.isfinite(v.array).all():
-            raise DataError(f"{int((~np.isfinite(v.array)).sum())} NaN/inf voxels", v.path)
-    _check_geometry(volumes)
+    _check_inputs(volumes, list(meta.modalities) if meta.kind == "paired" else [modality or "image"])
     pp = PreprocessConfig.from_dict(meta.preprocess)
     images = np.stack([v.array for v in volumes], axis=0)
     if meta.kind == "paired":
@@ -185,9 +191,9 @@ def write_prediction(
 ) -> list[Path]:
     """Write ``CASE.nii.gz`` (labels) and optionally ``CASE_prob_<class>.nii.gz`` with the input's geometry."""
     written = []
-    dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
     path = out_dir / f"{case}{file_ending}"
-    write_volume(path, labels.astype(dtype), reference)
+    # dtype=None: the smallest type that holds every label value (uint8, int16, int32), never a wrapped one.
+    write_volume(path, np.asarray(labels), reference)
     written.append(path)
     if probs is not None:
         for c, name in enumerate(class_names):

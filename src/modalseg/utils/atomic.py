@@ -16,6 +16,34 @@ from typing import IO
 from modalseg.errors import OutputError
 
 
+def _folder_error(folder: Path, exc: OSError | None = None) -> OutputError:
+    """A one-line reason why ``folder`` cannot be (or become) a writable folder."""
+    existing = folder
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                what = "exists and is not a folder" if candidate == folder else f"{candidate} is a file, not a folder"
+                return OutputError(f"cannot use as output folder ({what})", folder)
+            existing = candidate
+            break
+    reason = (exc.strerror or str(exc)) if exc is not None else f"no write permission in {existing}"
+    return OutputError(f"cannot create or write the folder ({reason})", folder)
+
+
+def check_output_folder(folder: str | Path) -> None:
+    """Fail early (before any work) if ``folder`` cannot be an output folder; creates nothing.
+
+    Catches an output path that is a file or lies under a file, and a missing write permission on the nearest
+    existing ancestor (``os.access``; note that root passes any permission check).
+    """
+    folder = Path(folder)
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir() or not os.access(candidate, os.W_OK | os.X_OK):
+                raise _folder_error(folder)
+            return
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically.
@@ -28,7 +56,7 @@ def atomic_path(target: str | Path, suffix: str | None = None) -> Iterator[Path]
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create folder ({exc.strerror or exc})", parent) from None
+        raise _folder_error(parent, exc) from None
     if suffix is None:
         suffix = "".join(target.suffixes) or ".tmp"
     try:
