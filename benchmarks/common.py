@@ -46,7 +46,7 @@ if str(BENCH_DIR) not in sys.path:
 
 from modalseg.models import create_model  # noqa: E402
 from modalseg.models.paper1 import PAPER1_MODELS  # noqa: E402
-from modalseg.training.precision import Precision, cpu_has_amx_bf16, resolve_precision  # noqa: E402
+from modalseg.training.precision import Precision, resolve_precision  # noqa: E402
 from modalseg.training.tasks import SINGLE_MODALITY_MODELS, PairedLoss, UnpairedLoss  # noqa: E402
 
 MONAI_MODELS: tuple[str, ...] = ("monai_basicunet", "monai_unet")
@@ -84,7 +84,7 @@ def machine_info() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "amx_bf16": cpu_has_amx_bf16(),
+        "amx_bf16": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "auto_precision": resolve_precision(torch.device("cpu"), "auto").name,

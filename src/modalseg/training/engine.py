@@ -109,7 +109,7 @@ class Trainer:
         self.run_dir = Path(cfg.output) / f"fold_{cfg.fold}"
         self.pp = make_preprocess(cfg)
         self.cache = prepare_cache(cfg, self.spec, self.pp, self.dist)
-        patients = sorted({r["patient_id"] for r in self.cache.records})
+        patients = sorted(self.cache.patients)
         # unpaired data: each modality has its own patients; stratify so every fold validates on every modality
         strata = None if self.spec.paired else {r["patient_id"]: r["modality"] for r in self.cache.records}
         splits = load_or_create_splits(Path(cfg.output) / "splits.json", patients, cfg.folds, cfg.split_seed, strata)
@@ -172,12 +172,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        train_p, val_p = self.split["train"], self.split["val"]
-        cases_of = {}
-        for r in self.cache.records:
-            cases_of.setdefault(r["patient_id"], set()).add(r["case_id"])
-        train_cases = sorted(set().union(*(cases_of.get(p, set()) for p in train_p)))
-        val_cases = sorted(set().union(*(cases_of.get(p, set()) for p in val_p)))
+        cases_of = self.cache.patients  # patient id -> its case ids
+        train_cases = sorted(c for p in self.split["train"] for c in cases_of.get(p, ()))
+        val_cases = sorted(c for p in self.split["val"] for c in cases_of.get(p, ()))
         ws, rank = self.dist.world_size, self.dist.rank
         if cfg.batch_size % ws:
             raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {ws} processes")
