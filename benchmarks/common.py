@@ -245,7 +245,7 @@ def make_train_case(spec: ModelSpec, mode: str, batch: int, size: int, lr: float
         module = UnpairedLoss(spec.network, "msbn", ce_weight=1.0, affinity_weight=0.0, kd_weight=0.0,
                               kd_temperature=2.0, conv_l2=0.0)
     module = precision.prepare_model(module).train()
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, amsgrad=True)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, amsgrad=True, fused=True)  # as the trainer
     data = synthetic_batch(spec, batch, size)
 
     def args() -> tuple[Any, ...]:
