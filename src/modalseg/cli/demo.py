@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from modalseg.training.evaluate import evaluate_trainer
     from modalseg.training.evaluate_folder import evaluate_folders
     from modalseg.training.predict import find_cases, load_models, predict_case, write_prediction
+    from modalseg.utils.atomic import atomic_write_text
 
     out = Path(args.output)
     t_start = time.perf_counter()
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     for f in figures:
         print(f"[6/6] figure -> {f}")
     print(f"done in {time.perf_counter() - t_start:.0f} s; everything is under {out}/")
-    (out / "demo_summary.json").write_text(json.dumps({"results": rows}, indent=2, default=str))
+    atomic_write_text(out / "demo_summary.json", json.dumps({"results": rows}, indent=2, default=str))
     return 0
 
 
@@ -112,6 +113,8 @@ def _figures(trainers, out: Path, plot_overlays, plot_attention_maps) -> list[Pa
     import numpy as np
     import torch
 
+    from modalseg.training.inference import predict_probabilities
+
     ma = trainers["master_assistant"]
     cache = ma.cache
     idx = np.sort(ma.val_idx)
@@ -119,19 +122,14 @@ def _figures(trainers, out: Path, plot_overlays, plot_attention_maps) -> list[Pa
     chosen = (fg or list(idx))[:3]
     examples = []
     for i in chosen:
-        image = np.asarray(cache.images[i, 0])
-        gt = np.asarray(cache.labels[i])
-        preds, dices = {}, {}
-        for name, tr in trainers.items():
-            x = torch.as_tensor(np.asarray(cache.images[[i]]))[:, tr.channel_index]
-            from modalseg.training.inference import predict_probabilities
-
-            p = predict_probabilities(tr.network, x.numpy(), tr.precision).argmax(1)[0]
-            preds[name] = p
-            inter = np.logical_and(p > 0, gt > 0).sum()
-            denom = (p > 0).sum() + (gt > 0).sum()
-            dices[name] = 1.0 if denom == 0 else 2 * inter / denom
-        examples.append({"image": image, "gt": gt, "preds": preds, "dices": dices})
+        preds = {
+            name: predict_probabilities(tr.network, np.asarray(cache.images[[i]])[:, tr.channel_index],
+                                        tr.precision).argmax(1)[0]
+            for name, tr in trainers.items()
+        }
+        # Dice (%) in the corner is computed by plot_overlays from the masks
+        examples.append({"image": np.asarray(cache.images[i, 0]), "gt": np.asarray(cache.labels[i]),
+                         "preds": preds})
     paths = [plot_overlays(examples, out / "figures" / "overlays.png")]
     net = ma.network
     net.eval()
