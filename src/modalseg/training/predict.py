@@ -92,9 +92,8 @@ def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[
         if not p.exists():
             raise DataError("input not found", p)
     channel_names = meta.channel_names or meta.modalities
-    needed = [channel_names.index(m) if meta.kind == "paired" else 0 for m in meta.modalities]
-    if meta.kind != "paired":
-        needed = [0]
+    # file channel index of each modality the model reads (unpaired models read one image)
+    needed = [channel_names.index(m) for m in meta.modalities] if meta.kind == "paired" else [0]
     if len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]
         files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
