@@ -48,6 +48,11 @@ from modalseg.models import create_model  # noqa: E402
 from modalseg.models.paper1 import PAPER1_MODELS  # noqa: E402
 from modalseg.training.precision import Precision, resolve_precision  # noqa: E402
 from modalseg.training.tasks import SINGLE_MODALITY_MODELS, PairedLoss, UnpairedLoss  # noqa: E402
+from modalseg.utils.host_memory import keep_freed_memory  # noqa: E402
+
+#: Like the ``modalseg`` command, the benchmarks keep freed tensor memory in the heap (glibc mmap/trim
+#: thresholds, utils/host_memory.py) unless ``MODALSEG_MALLOC=default``; ``benchmarks/allocator.py`` compares.
+MALLOC_KEPT = keep_freed_memory()
 
 MONAI_MODELS: tuple[str, ...] = ("monai_basicunet", "monai_unet")
 PAPER2_MODELS: tuple[str, ...] = ("dilated_fcn",)
@@ -88,6 +93,7 @@ def machine_info() -> dict[str, Any]:
         "avx512_bf16": "avx512_bf16" in flags,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "auto_precision": resolve_precision(torch.device("cpu"), "auto").name,
+        "malloc": "keep-freed (mmap/trim threshold 1 GiB)" if MALLOC_KEPT else "glibc default",
         "torch": torch.__version__,
         "monai": monai.__version__,
         "python": platform.python_version(),
@@ -98,7 +104,8 @@ def print_machine(info: dict[str, Any]) -> None:
     print(
         f"# {info['date_utc']} | {info['cpu']} | {info['logical_cpus']} logical CPUs, {info['torch_threads']} torch "
         f"threads | load {info['load_avg_1_5_15']} | amx_bf16={info['amx_bf16']} avx512_bf16={info['avx512_bf16']} "
-        f"| auto precision = {info['auto_precision']} | torch {info['torch']}, monai {info['monai']}"
+        f"| auto precision = {info['auto_precision']} | malloc {info['malloc']} | torch {info['torch']}, "
+        f"monai {info['monai']}"
     )
     load = info["load_avg_1_5_15"][0]
     if info["logical_cpus"] and load > 0.5 * info["logical_cpus"]:

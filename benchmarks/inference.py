@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--slices", type=int, default=100, help="slices of the volume (default 100)")
     p.add_argument("--modes", default="fp32,bf16", help="comma list of fp32, bf16, auto (default fp32,bf16)")
     p.add_argument("--repeats", type=int, default=1, help="in-process runs per mode (median; default 1)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass (predict's default 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (predict's default 8)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (and OMP_NUM_THREADS for --cli)")
     p.add_argument("--width", type=int, default=None, help="master_assistant base width (smoke tests)")
     p.add_argument("--checkpoint", default=None, help="use this trained master_assistant checkpoint instead")

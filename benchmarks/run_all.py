@@ -18,6 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import allocator  # noqa: E402
 import data_pipeline  # noqa: E402
 import flops  # noqa: E402
 import inference  # noqa: E402
@@ -31,6 +32,7 @@ SUITE: dict[str, tuple[Any, list[str]]] = {
     "data_pipeline": (data_pipeline, []),
     "scaling": (scaling, []),
     "flops": (flops, ["--models", "all", "--no-timing"]),
+    "allocator": (allocator, []),
 }
 
 

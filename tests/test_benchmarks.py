@@ -17,6 +17,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import allocator  # noqa: E402
 import common  # noqa: E402
 import data_pipeline  # noqa: E402
 import flops  # noqa: E402
@@ -148,3 +149,15 @@ def test_train_throughput_interleaved_quick():
         assert r["n"] == 3 and r["peak_step_delta_mb"] >= 0
         assert r["img_per_s"] == pytest.approx(r["images_per_step"] / r["median_s"])
     assert rows[1]["ratio_vs_basicunet_fp32"] == pytest.approx(1.0)
+
+
+def test_allocator_before_after_runs_both_settings_in_children(capsys):
+    # one training workload, one round: a child with glibc's defaults, then one with freed memory kept
+    payload = allocator.main(["--quick", "--only", "1"])
+    rows = payload["results"]
+    assert [r["malloc"] for r in rows] == ["default", "keep-freed"]  # run_child checked each child's setting
+    assert all(r["workload"].startswith("train master_assistant") and r["value"] > 0 for r in rows)
+    assert rows[0]["speedup"] == 1.0
+    assert rows[1]["speedup"] == pytest.approx(rows[1]["value"] / rows[0]["value"])
+    assert all(r["cpu_user_s"] > 0 for r in rows)
+    assert "child sys CPU" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import sys
 
 from modalseg import __version__
 from modalseg.errors import ModalsegError
+from modalseg.utils.host_memory import keep_freed_memory
 
 COMMANDS = ["synth", "verify", "train", "evaluate", "predict", "experiment", "demo"]
 
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Faster CPU training and prediction: keep freed tensor buffers in the heap (utils/host_memory.py).
+    keep_freed_memory()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

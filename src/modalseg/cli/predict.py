@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probabilities", action="store_true", help="also write CASE_prob_<class>.nii.gz")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="slices per forward pass (default 8: fastest measured on 2 CPU cores at 256x256)")
     p.add_argument("--file-ending", default=".nii.gz", help="output format: .nii.gz, .nii, .nrrd or .mha")
 
 

@@ -20,7 +20,7 @@ from modalseg.errors import CheckpointError
 from modalseg.utils.atomic import atomic_torch_save
 
 if TYPE_CHECKING:
-    from modalseg.training.tasks import ModelMeta
+    from modalseg.training.model_meta import ModelMeta
 
 FORMAT = "modalseg-checkpoint"
 VERSION = 1
@@ -78,7 +78,7 @@ def _unpickling_reason(exc: BaseException) -> str:
 def read_model_meta(state: dict[str, Any], ckpt: str | Path) -> ModelMeta:
     """The checkpoint's :class:`ModelMeta`; a missing or malformed description is a one-line
     :class:`CheckpointError` (not a ``TypeError`` from the dataclass)."""
-    from modalseg.training.tasks import ModelMeta
+    from modalseg.training.model_meta import ModelMeta
 
     if "meta" not in state:
         raise CheckpointError("checkpoint has no model description (meta)", ckpt)

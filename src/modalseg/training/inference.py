@@ -17,7 +17,7 @@ def predict_probabilities(
     images: np.ndarray | torch.Tensor,
     precision: Precision,
     *,
-    batch_size: int = 16,
+    batch_size: int = 8,
     modality: int | None = None,
 ) -> np.ndarray:
     """Softmax probabilities (N, C, H, W) float32 for slices ``images`` (N, M, H, W).

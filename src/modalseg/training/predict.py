@@ -20,8 +20,8 @@ from modalseg.data.verify import geometry_problems, intensity_problems
 from modalseg.errors import CheckpointError, ConfigError, DataError
 from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta
 from modalseg.training.inference import ensemble_probabilities, predict_probabilities
+from modalseg.training.model_meta import ModelMeta, build_network
 from modalseg.training.precision import Precision
-from modalseg.training.tasks import ModelMeta, build_network
 
 _CHANNEL_RE = re.compile(r"^(.*)_(\d{4})$")
 
@@ -150,7 +150,7 @@ def predict_case(
     precision: Precision,
     *,
     modality: str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
 ) -> tuple[np.ndarray, np.ndarray, Volume]:
     """Return (label volume in file label values, probabilities (C, X, Y, Z), reference volume)."""
     meta = models[0].meta
