@@ -18,6 +18,7 @@ from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restor
 from modalseg.data.types import Volume
 from modalseg.data.verify import geometry_problems, intensity_problems
 from modalseg.errors import CheckpointError, ConfigError, DataError
+from modalseg.models.fold import fold_batch_norm
 from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta
 from modalseg.training.inference import ensemble_probabilities, predict_probabilities
 from modalseg.training.model_meta import ModelMeta, build_network
@@ -71,6 +72,7 @@ def load_models(paths: Sequence[str | Path], precision: Precision) -> list[Loade
             if not isinstance(state["model_state"], dict):
                 raise CheckpointError("checkpoint has no weights (model_state is not a mapping)", ckpt)
             load_model_state(network, state["model_state"], ckpt)
+            fold_batch_norm(network)  # inference only: conv + eval-mode BN = one conv (models/fold.py)
             network = precision.prepare_model(network).eval()
             models.append(LoadedModel(network, meta, ckpt))
     first = models[0].meta
