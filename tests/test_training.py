@@ -181,3 +181,24 @@ def test_unpaired_splits_are_stratified_by_modality():
             assert {p[:2] for p in fold["val"]} == {"ct", "mr"}
             assert sorted(fold["train"] + fold["val"]) == sorted(patients)
         assert sorted(p for f in splits for p in f["val"]) == sorted(patients)
+
+
+def test_fp16_autocast_trains_with_loss_scaling_and_resumes_the_scaler(breast_dataset, tmp_path, monkeypatch):
+    # fp16 is the CUDA AMP path for GPUs without bf16; CPU autocast supports fp16 too, so the loss-scaling logic
+    # (GradScaler around backward / step, its state in checkpoints) runs here exactly as it would on CUDA.
+    import modalseg.training.engine as engine
+    from modalseg.training.precision import Precision
+
+    monkeypatch.setattr(engine, "resolve_precision",
+                        lambda device, *a, **k: Precision(device, torch.float16, False))
+    trainer = Trainer(paired_cfg(breast_dataset, tmp_path / "run", epochs=1, max_steps=2, checkpoint_every=1))
+    assert trainer.scaler.is_enabled()
+    trainer.fit()
+    state = load_checkpoint(tmp_path / "run" / "fold_0" / "latest.pt")
+    assert state["scaler_state"]["scale"] > 0  # the scale is saved with the optimiser ...
+    assert np.isfinite(state["history"][-1]["train_loss"])
+    resumed = Trainer(paired_cfg(breast_dataset, tmp_path / "run", epochs=1), resume=True)
+    assert resumed.scaler.get_scale() == state["scaler_state"]["scale"]  # ... and restored on resume
+    monkeypatch.undo()
+    fp32 = Trainer(paired_cfg(breast_dataset, tmp_path / "fp32", epochs=1, max_steps=1))
+    assert not fp32.scaler.is_enabled()  # bf16 / fp32 need no scaling

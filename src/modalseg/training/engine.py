@@ -213,6 +213,9 @@ class Trainer:
             self.loss_module.parameters(), lr=cfg.lr, amsgrad=bool(cfg.amsgrad), fused=True
         )
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        # fp16 autocast (CUDA GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32
+        # do not (the scaler is then a pass-through).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype is torch.float16)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -220,6 +223,7 @@ class Trainer:
             "model_state": self.network.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
+            "scaler_state": self.scaler.state_dict(),
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
@@ -246,6 +250,8 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer_state"])
             self.scheduler.load_state_dict(state["scheduler_state"])
+            if state.get("scaler_state"):
+                self.scaler.load_state_dict(state["scaler_state"])
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"optimiser state does not match ({exc})", path) from None
         torch.set_rng_state(state["rng_torch"])
@@ -307,8 +313,9 @@ class Trainer:
                         f"loss became {float(loss)} at epoch {self.epoch + 1}, step {self.global_step + 1} "
                         f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); lower lr or check the inputs; "
                         "the last checkpoint is kept", self.run_dir / "latest.pt")
-                loss.backward()
-                self.optimizer.step()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 if cfg.lr_step_unit == "iteration":
                     self.scheduler.step()
                 self.batch_in_epoch += 1
