@@ -21,6 +21,7 @@ import allocator  # noqa: E402
 import common  # noqa: E402
 import data_pipeline  # noqa: E402
 import flops  # noqa: E402
+import gpu  # noqa: E402
 import inference  # noqa: E402
 import run_all  # noqa: E402
 import scaling  # noqa: E402
@@ -161,3 +162,28 @@ def test_allocator_before_after_runs_both_settings_in_children(capsys):
     assert rows[1]["speedup"] == pytest.approx(rows[1]["value"] / rows[0]["value"])
     assert all(r["cpu_user_s"] > 0 for r in rows)
     assert "child sys CPU" in capsys.readouterr().out
+
+
+def test_gpu_script_runs_its_code_on_cpu_mfu_and_amp_check_follow_from_measurements():
+    payload = gpu.main(["--device", "cpu", "--quick", "--models", "master_assistant", "--peak-tflops", "2.0"])
+    rows = {r["mode"]: r for r in payload["results"]}
+    assert set(rows) == {"fp32", "bf16", "fp16"}
+    for r in rows.values():
+        assert r["img_per_s"] == pytest.approx(2 / r["median_s"])  # --quick: batch 2
+        assert r["achieved_tflops"] == pytest.approx(r["gflop_per_img_train"] * r["img_per_s"] / 1e3)
+        assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 2.0)
+    checks = {c["mode"]: c for c in payload["amp_checks"]}
+    assert set(checks) == {"bf16", "fp16"}
+    for c in checks.values():
+        assert 0.0 <= c["agreement"] <= 1.0 and c["finite"]
+        assert 0 <= c["skipped_steps"] <= 3 and (c["mode"] == "fp16" or c["skipped_steps"] == 0)
+        assert c["ok"] == (c["loss_gap"] <= 0.05 and c["agreement"] >= 0.995)
+
+
+def test_gpu_script_refuses_cuda_without_a_device():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu.main(["--quick"])
