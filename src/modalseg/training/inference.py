@@ -26,13 +26,14 @@ def predict_probabilities(
     """
     model.eval()
     out: list[np.ndarray] = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        x = torch.as_tensor(np.ascontiguousarray(chunk), dtype=torch.float32)
-        x = precision.to_input(x)
-        with precision.autocast():
+    # One autocast region for all batches: autocast caches the low-precision copy of each weight until the
+    # region ends, so the weights are cast once per volume instead of once per batch.
+    with precision.autocast():
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            x = precision.to_input(torch.as_tensor(np.ascontiguousarray(chunk), dtype=torch.float32))
             logits = model(x) if modality is None else model(x, modality=modality)
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
     return np.concatenate(out, axis=0) if out else np.zeros((0,), np.float32)
 
 
