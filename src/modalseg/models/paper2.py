@@ -7,29 +7,11 @@ settings of paper 2 wrap a backbone in :class:`modalseg.models.unpaired.Unpaired
 
 from __future__ import annotations
 
-from torch import nn
-
 from modalseg.models.dilated_fcn import DilatedFCN
 from modalseg.models.registry import register_model
 
-
-@register_model("dilated_fcn")
-def dilated_fcn(
-    in_channels: int = 1,
-    num_classes: int = 4,
-    num_modalities: int = 2,
-    norm: str = "msbn",
-    width: int = 16,
-    dropout: float = 0.25,
-    negative_slope: float = 0.2,
-) -> nn.Module:
-    """Paper 2 backbone: dilated residual FCN (UMMKD 2D), output stride 8, pixel-shuffle head; MSBN or BN."""
-    return DilatedFCN(
-        in_channels=in_channels,
-        num_classes=num_classes,
-        num_modalities=num_modalities,
-        norm=norm,
-        width=width,
-        dropout=dropout,
-        negative_slope=negative_slope,
-    )
+# The class is the builder: its signature and defaults are the one source of the model's options.
+register_model(
+    "dilated_fcn",
+    "Paper 2 backbone: dilated residual FCN (UMMKD 2D), output stride 8, pixel-shuffle head; MSBN or BN.",
+)(DilatedFCN)
