@@ -236,16 +236,25 @@ class TrainCase:
     step: Callable[[], float]
     forward: Callable[[], None]
     images_per_step: int
+    module: nn.Module | None = None  # the loss module (network inside), for checks after training
+    data: tuple[Any, ...] = ()  # the CPU batch ``synthetic_batch`` made: (images, labels)
+    scaler: torch.amp.GradScaler | None = None
+    #: fp16 only: steps the loss scaler skipped (inf/NaN gradients at too large a scale)
+    skipped_steps: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_train_case(spec: ModelSpec, mode: str, batch: int, size: int, lr: float = 1e-4) -> TrainCase:
+def make_train_case(
+    spec: ModelSpec, mode: str, batch: int, size: int, lr: float = 1e-4, *, precision: Precision | None = None,
+    seed: int = 0,
+) -> TrainCase:
     """Wrap ``spec`` like the trainer: loss module (Dice + CE, paper 1 Eq. 1), Adam(amsgrad), ``Precision``.
 
-    ``step()`` converts the CPU batch with ``precision.to_input`` (as ``Trainer._step_batches``), runs
-    zero_grad, the forward under autocast, backward and the optimiser step, and returns the loss.
+    ``step()`` moves the batch with ``precision.to_input`` (labels to the device, as ``Trainer._step_batches``),
+    runs zero_grad, the forward under autocast, backward and the optimiser step (through a ``GradScaler`` for
+    fp16, as ``Trainer.fit``), and returns the loss. ``precision`` overrides ``mode`` (e.g. a CUDA device).
     """
-    precision = precision_for(mode)
+    precision = precision or precision_for(mode)
     if spec.kind == "paired":
         module: nn.Module = PairedLoss(spec.network, ce_weight=1.0)
     else:
@@ -253,21 +262,27 @@ def make_train_case(spec: ModelSpec, mode: str, batch: int, size: int, lr: float
                               kd_temperature=2.0, conv_l2=0.0)
     module = precision.prepare_model(module).train()
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, amsgrad=True, fused=True)  # as the trainer
-    data = synthetic_batch(spec, batch, size)
+    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.dtype is torch.float16)
+    data = synthetic_batch(spec, batch, size, seed=seed)
+    dev = precision.device
 
     def args() -> tuple[Any, ...]:
         if spec.kind == "paired":
             x, y = data
-            return (precision.to_input(x), y)
+            return (precision.to_input(x), y.to(dev))
         xs, ys = data
-        return ([precision.to_input(x) for x in xs], ys)
+        return ([precision.to_input(x) for x in xs], [y.to(dev) for y in ys])
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             loss, parts = module(*args())
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.step(optimizer)
+        scaler.update()
+        if scaler.is_enabled() and scaler.get_scale() < scale:
+            case.skipped_steps += 1
         return parts["loss"]
 
     def forward() -> None:
@@ -280,7 +295,8 @@ def make_train_case(spec: ModelSpec, mode: str, batch: int, size: int, lr: float
                     module.network(x, modality=k)
 
     n = batch * (spec.num_modalities if spec.kind == "unpaired" else 1)
-    return TrainCase(spec, precision, batch, size, step, forward, n)
+    case = TrainCase(spec, precision, batch, size, step, forward, n, module=module, data=data, scaler=scaler)
+    return case
 
 
 # ------------------------------------------------------------------------------------------------ timing

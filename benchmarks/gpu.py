@@ -35,7 +35,6 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from modalseg.training.precision import Precision  # noqa: E402
-from modalseg.training.tasks import PairedLoss  # noqa: E402
 
 MODES = ("fp32", "bf16", "fp16")
 #: Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets; "fp32" = TF32 tensor cores, which PyTorch lets
@@ -71,55 +70,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Runner:
-    """One paired model under one precision, stepped like ``Trainer.fit`` (scaler for fp16)."""
-
-    def __init__(self, network: torch.nn.Module, precision: Precision, x: torch.Tensor, y: torch.Tensor,
-                 lr: float) -> None:
-        self.precision = precision
-        self.module = precision.prepare_model(PairedLoss(network, ce_weight=1.0)).train()
-        fused = precision.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr, amsgrad=True, fused=fused)
-        self.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.dtype is torch.float16)
-        self.x, self.y = precision.to_input(x), y.to(precision.device)
-        self.skipped = 0  # fp16: steps the scaler skipped (inf/NaN gradients at too large a scale)
-
-    def step(self) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.precision.autocast():
-            loss, parts = self.module(self.x, self.y)
-        self.scaler.scale(loss).backward()
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
-            self.skipped += 1
-        return parts["loss"]
-
-    @torch.no_grad()
-    def predict(self, precision: Precision) -> torch.Tensor:
-        self.module.eval()
-        with precision.autocast():
-            out = self.module.network(precision.to_input(self.x)).argmax(1)
-        self.module.train()
-        return out
+@torch.no_grad()
+def predict_labels(case: common.TrainCase, precision: Precision) -> torch.Tensor:
+    """Class per pixel of ``case``'s batch by its (trained) network under ``precision``."""
+    network = case.module.network
+    network.eval()
+    x = case.data[0]
+    with precision.autocast():
+        out = network(precision.to_input(x)).argmax(1)
+    network.train()
+    return out
 
 
 def throughput(name: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     spec = common.build_model(name, width=args.width)
     if spec.kind != "paired":
         raise SystemExit(f"{name}: gpu.py times paired models (use train_throughput.py for dilated_fcn)")
-    x, y = common.synthetic_batch(spec, args.batch, args.size)
-    runner = Runner(spec.network, precision_of(device, mode), x, y, lr=1e-4)
-    flops_case = common.make_train_case(common.build_model(name, width=args.width), "fp32", 1, args.size)
-    gflop_train = 3 * common.forward_flops(flops_case) / 1e9  # per image
+    case = common.make_train_case(spec, mode, args.batch, args.size, precision=precision_of(device, mode))
+    gflop_train = 3 * common.forward_flops(case) / args.batch / 1e9  # per image
     for _ in range(args.warmup):
-        runner.step()
+        case.step()
     sync(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        runner.step()
+        case.step()
         sync(device)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
@@ -135,24 +110,23 @@ def throughput(name: str, mode: str, args: argparse.Namespace, device: torch.dev
 def amp_check(name: str, mode: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     spec = common.build_model(name, width=args.width)
-    x, y = common.synthetic_batch(spec, args.batch, args.size, seed=args.seed)
-    initial = copy.deepcopy(spec.network.state_dict())
-    runs = {}
-    for m in ("fp32", mode):
-        spec.network.load_state_dict(initial)
-        runner = Runner(copy.deepcopy(spec.network), precision_of(device, m), x, y, lr=args.check_lr)
-        runs[m] = (runner, [runner.step() for _ in range(args.check_steps)])
-    (ref, ref_losses), (amp, amp_losses) = runs["fp32"], runs[mode]
+    cases, losses = {}, {}
+    for m in ("fp32", mode):  # both from the same initial weights (a copy each)
+        case = common.make_train_case(copy.deepcopy(spec), m, args.batch, args.size, lr=args.check_lr,
+                                      precision=precision_of(device, m), seed=args.seed)
+        cases[m], losses[m] = case, [case.step() for _ in range(args.check_steps)]
+    ref, amp = cases["fp32"], cases[mode]
+    ref_losses, amp_losses = losses["fp32"], losses[mode]
     finite = all(map(lambda v: v == v and abs(v) != float("inf"), amp_losses))
     # a step the fp16 scaler skipped changed no weight: compare with fp32 after as many applied steps
-    applied = max(1, args.check_steps - amp.skipped)
+    applied = max(1, args.check_steps - amp.skipped_steps)
     loss_gap = abs(amp_losses[-1] - ref_losses[applied - 1]) / max(abs(ref_losses[0]), 1e-12)
-    agree = float((ref.predict(precision_of(device, mode)) == ref.predict(precision_of(device, "fp32")))
+    agree = float((predict_labels(ref, precision_of(device, mode)) == predict_labels(ref, precision_of(device, "fp32")))
                   .float().mean())
     ok = finite and loss_gap <= args.loss_tol and agree >= args.agree_tol
     return {"model": name, "mode": mode, "loss_first": ref_losses[0], "loss_last_fp32": ref_losses[-1],
-            "loss_last_amp": amp_losses[-1], "loss_gap": loss_gap, "skipped_steps": amp.skipped, "finite": finite,
-            "agreement": agree, "ok": ok}
+            "loss_last_amp": amp_losses[-1], "loss_gap": loss_gap, "skipped_steps": amp.skipped_steps,
+            "finite": finite, "agreement": agree, "ok": ok}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
