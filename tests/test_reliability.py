@@ -461,7 +461,9 @@ def test_disk_full_while_writing_checkpoint_keeps_previous(tmp_path, capsys, mon
 
     def fake_open(file, mode="r", *args, **kwargs):
         fh = real_open(file, mode, *args, **kwargs)
-        if "w" in mode and Path(file).name.startswith(".latest.pt."):
+        # temporaries are named .ms-tmp-<host>-<pid>-<random>.pt; the first two .pt writes are latest.pt (steps
+        # 1 and 2), best.pt comes only after validation
+        if "w" in mode and Path(file).name.startswith(matomic.TMP_PREFIX) and Path(file).name.endswith(".pt"):
             writes["latest"] += 1
             if writes["latest"] >= 2:
                 return HalfThenFull(fh)

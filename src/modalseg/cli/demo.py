@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                                   model_options={**base.model_options, "base_width": width})
         print(f"[3/6] training {model} (fold 0 of 5, {args.epochs} epochs, base width {width}) ...")
         t0 = time.perf_counter()
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, overwrite=True)  # the demo's own runs: a re-run of the demo replaces them
         trainer.fit()
         result = evaluate_trainer(trainer)
         trainers[model] = trainer

@@ -18,9 +18,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--modality", help="unpaired models: which modality the input is")
     p.add_argument("--probabilities", action="store_true", help="also write CASE_prob_<class>.nii.gz")
+    # No argparse `type=`/`choices=`: their errors print usage on a second line; `run` checks these (one line).
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
-    p.add_argument("--batch-size", type=int, default=8,
+    p.add_argument("--batch-size", default=8,
                    help="slices per forward pass (default 8: fastest measured on 2 CPU cores at 256x256)")
     p.add_argument("--file-ending", default=".nii.gz", help="output format: .nii.gz, .nii, .nrrd or .mha")
 
@@ -28,10 +29,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from modalseg.data.io import is_supported
     from modalseg.errors import OutputError
+    from modalseg.training.config import check_option, cli_int
     from modalseg.training.precision import resolve_device, resolve_precision
-    from modalseg.training.predict import find_cases, load_models, predict_case, write_prediction
+    from modalseg.training.predict import (
+        check_outputs_spare_inputs,
+        find_cases,
+        load_models,
+        output_paths,
+        predict_case,
+        write_prediction,
+    )
     from modalseg.utils.atomic import check_output_folder
 
+    # Option values first: one line naming the flag, before any folder is checked or model loaded.
+    check_option("device", args.device, label="--device")
+    check_option("precision", args.precision, label="--precision")
+    args.batch_size = cli_int("--batch-size", args.batch_size, minimum=1)
     check_output_folder(args.output)  # fail before loading models or reading any volume
     if not is_supported(f"x{args.file_ending}"):
         raise OutputError(f"--file-ending {args.file_ending!r} is not a supported output format "
@@ -41,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     meta = models[0].meta
     cases = find_cases(args.input, meta)
     out = Path(args.output)
+    # Every output name is checked before anything is written: none may replace an input or another case's output.
+    planned = {case: output_paths(out, case, list(meta.labels) if args.probabilities else None, args.file_ending)
+               for case in cases}
+    check_outputs_spare_inputs(planned, cases)
     print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {precision.name} on {precision.device}")
     for case, files in cases.items():
         t0 = time.perf_counter()

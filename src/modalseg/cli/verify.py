@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"dataset: {spec.name} ({spec.layout} layout, {args.split} split) at {spec.root}")
     for line in report.summary_lines():
         print(line)
-    for warning in report.warnings:
+    for warning in [*spec.warnings, *report.warnings]:
         print(f"warning: {warning}")
     if report.problems:
         for problem in report.problems:

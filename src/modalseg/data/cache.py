@@ -48,11 +48,12 @@ from modalseg.data.preprocess import PreprocessConfig, SliceGeometry, preprocess
 from modalseg.data.types import CaseFiles, DatasetSpec
 from modalseg.data.verify import geometry_problems, intensity_problems
 from modalseg.errors import ConfigError, DataError, OutputError
-from modalseg.utils.atomic import atomic_write_text
+from modalseg.utils.atomic import atomic_write_text, folder_mode
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+# 2: label/image origins and degenerate grids are checked while building (caches of format 1 were not).
+CACHE_FORMAT = 2
 _IMAGES, _LABELS, _INDEX = "images.npy", "labels.npy", "index.json"
 
 
@@ -266,6 +267,7 @@ def build_slice_cache(
     host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname()) or "host"
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-{host}-{os.getpid()}-", dir=root))
+        os.chmod(tmp, folder_mode())  # mkdtemp gives 0700: colleagues must be able to read the cache
     except OSError as exc:
         raise OutputError(f"cannot write the slice cache ({exc.strerror or exc})", root) from None
     try:
@@ -382,7 +384,10 @@ def _read_case(
     lab = mio.read_volume(case.label, kind="label")
     if lab.shape != arrays[0].shape:
         raise DataError(f"label shape {lab.shape} differs from image shape {arrays[0].shape}", case.label)
-    problems = geometry_problems(lab, ref, "label", "image")
+    # A label must lie on its image's grid: its origin is checked too, as `modalseg verify` does.
+    from modalseg.data.verify import ORIGIN_TOL_VOXELS
+
+    problems = geometry_problems(lab, ref, "label", "image", origin_tol_voxels=ORIGIN_TOL_VOXELS)
     if problems:
         raise DataError(problems[0])
     labels = map_labels(lab.array, lut, case.label)

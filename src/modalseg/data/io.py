@@ -12,25 +12,33 @@ Conventions (see :class:`modalseg.data.types.Volume`):
   or the ITK ``origin``, ``spacing`` and ``direction`` (3D, row-major 3x3).
 
 ``kind="image"`` gives float32 (NIfTI ``scl_slope``/``scl_inter`` applied); ``kind="label"`` gives
-int32 and rejects files whose values are not integers. 2D files become one slice ``(X, Y, 1)``;
+int32 and rejects files whose values are not integers. A file whose geometry is unusable is refused
+(:func:`affine_problem`): a voxel size of 0 or a non-finite one (NIfTI ``pixdim`` or affine), and a
+sheared grid, i.e. voxel axes that are not orthogonal (|cosine| between two axes above
+:data:`ORTHOGONALITY_TOL`). Oblique but orthogonal grids are ordinary scanner data and are accepted.
+nibabel's header fix-up messages (``logging``) and warnings are silenced while reading, so that a refused
+file gives one line and an accepted one none. 2D files become one slice ``(X, Y, 1)``;
 trailing singleton dimensions beyond the third are squeezed; real 4D data is an error, because every
 consumer of this module expects one 3D volume per file (one file per modality, as in nnU-Net).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
-import tempfile
+import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from modalseg.data.types import Volume
 from modalseg.errors import DataError, OutputError
-from modalseg.utils.atomic import atomic_path
+from modalseg.utils.atomic import atomic_path, make_temp_folder
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 ITK_EXTENSIONS = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -39,6 +47,11 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".
 _DETACHED = (".nhdr", ".mhd")  # header + separate data file
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 _F32_MAX = float(np.finfo(np.float32).max)
+# Largest |cosine| accepted between two voxel axes (unit columns of the affine). Orthogonal oblique data
+# deviates by float32 rounding of the NIfTI sform (~1e-7) or the decimals of DICOM ImageOrientationPatient
+# (~1e-6); 1e-4 (0.006 degrees from a right angle) keeps a wide margin above that and refuses any real shear
+# (gantry tilt, hand-edited or resampled affines), which ITK-based viewers would show in another orientation.
+ORTHOGONALITY_TOL = 1e-4
 
 
 def _extension(path: str | Path) -> str | None:
@@ -94,7 +107,59 @@ def read_volume(path: str | Path, *, kind: str = "image") -> Volume:
     if data.size == 0:
         raise DataError(f"zero-size volume (shape {tuple(data.shape)})", path)
     array = _convert(data, kind, path)
+    problem = affine_problem(affine)
+    if problem:
+        raise DataError(problem, path)
     return Volume(array=array, affine=affine, path=path, meta=meta)
+
+
+def affine_problem(affine: np.ndarray, tol: float = ORTHOGONALITY_TOL) -> str | None:
+    """Why a voxel-to-world ``affine`` is unusable, or ``None``: non-finite entries, a voxel size of 0, or
+    voxel axes that are not orthogonal (largest |cosine| between two unit columns above ``tol``)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(a[:3]).all():
+        return f"non-finite values in the voxel-to-world affine {_fmt(a[:3].ravel())}"
+    m = a[:3, :3]
+    sizes = np.linalg.norm(m, axis=0)
+    if np.any(sizes == 0):
+        axis = int(np.flatnonzero(sizes == 0)[0])
+        return f"voxel size 0 along array axis {axis} in the voxel-to-world affine (voxel sizes {_fmt(sizes)} mm)"
+    unit = m / sizes
+    gram = np.abs(unit.T @ unit)
+    np.fill_diagonal(gram, 0.0)
+    worst = float(gram.max())
+    if worst > tol:
+        i, j = (int(v) for v in np.unravel_index(int(np.argmax(gram)), gram.shape))
+        angle = float(np.degrees(np.arccos(np.clip(float(unit[:, i] @ unit[:, j]), -1.0, 1.0))))
+        return (
+            f"sheared (non-orthogonal) voxel axes: array axes {min(i, j)} and {max(i, j)} are at {angle:.4g} "
+            f"degrees, not 90 (|cosine| {worst:.2g} > {tol:g}); resample it onto an orthogonal grid"
+        )
+    return None
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(format(float(v), ".4g") for v in values) + ")"
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence nibabel while it reads: header fix-ups are logged on the ``nibabel.global`` logger (with its
+    own stderr handler) and numpy/nibabel warnings go through :mod:`warnings`. Problems that matter are
+    checked and raised as :class:`DataError` instead."""
+    from nibabel import imageglobals
+
+    logger = imageglobals.logger if isinstance(imageglobals.logger, logging.Logger) else None
+    disabled = logger.disabled if logger is not None else False
+    if logger is not None:
+        logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if logger is not None:
+            logger.disabled = disabled
 
 
 def _corrupt(path: Path, exc: BaseException) -> DataError:
@@ -108,22 +173,18 @@ def _corrupt(path: Path, exc: BaseException) -> DataError:
 def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
 
     try:
-        img = nib.load(str(path))
-        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-            raise DataError(f"not a NIfTI file ({type(img).__name__})", path)
-        if kind == "image":
-            # get_fdata applies scl_slope/scl_inter; float32 is enough for intensities and safe for
-            # every integer type up to 2**24 (larger values are rounded, never wrapped).
-            data = _fdata(img, path)
-        else:
-            data = np.asanyarray(img.dataobj)  # scaled only if the header asks for it
-        affine = np.asarray(img.affine, dtype=np.float64)
-        header = img.header.copy()
+        with _quiet_nibabel():
+            img = nib.load(str(path))
+            if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+                raise DataError(f"not a NIfTI file ({type(img).__name__})", path)
+            _check_pixdim(path, type(img.header))
+            data, affine, header = _nifti_contents(img, kind, path)
     except DataError:
         raise
-    except (ImageFileError, OSError, EOFError, zlib.error, ValueError) as exc:
+    except (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError) as exc:
         if path.name.lower().endswith(".gz") and not _has_gzip_magic(path):
             # A plain .nii (or another format) saved under a .gz name: say so rather than "corrupt".
             raise DataError(
@@ -134,6 +195,35 @@ def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
     sform_code = int(header["sform_code"])
     meta = {"format": "nifti", "header": header, "qform_code": qform_code, "sform_code": sform_code}
     return data, affine, meta
+
+
+def _check_pixdim(path: Path, header_class) -> None:
+    """Refuse a voxel size of 0 or a non-finite one in the header's ``pixdim`` (for the dimensions the file
+    has). nibabel silently replaces 0 by 1 mm while loading, so the header is re-read unchecked; ITK-based
+    tools take the voxel size from ``pixdim`` whatever the sform says."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as fh:
+        raw = header_class.from_fileobj(fh, check=False)
+    n = min(max(int(raw["dim"][0]), 1), 3)
+    sizes = np.asarray(raw["pixdim"], dtype=np.float64)[1 : n + 1]
+    bad = ~np.isfinite(sizes) | (sizes == 0)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"voxel size {sizes[k]:g} along array axis {k} in the NIfTI header (pixdim[1:{n + 1}] = {_fmt(sizes)})",
+            path,
+        )
+
+
+def _nifti_contents(img, kind: str, path: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    if kind == "image":
+        # get_fdata applies scl_slope/scl_inter; float32 is enough for intensities and safe for
+        # every integer type up to 2**24 (larger values are rounded, never wrapped).
+        data = _fdata(img, path)
+    else:
+        data = np.asanyarray(img.dataobj)  # scaled only if the header asks for it
+    return data, np.asarray(img.affine, dtype=np.float64), img.header.copy()
 
 
 def _has_gzip_magic(path: Path) -> bool:
@@ -156,11 +246,22 @@ def _fdata(img, path: Path) -> np.ndarray:
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     import SimpleITK as sitk
 
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings go straight to stderr
     try:
         img = sitk.ReadImage(str(path))
         data = sitk.GetArrayFromImage(img)
     except RuntimeError as exc:
+        text = str(exc)
+        # ITK refuses these while building the image; they are geometry problems, not corruption.
+        if "Zero-valued spacing" in text:
+            raise DataError("voxel size 0 in the file header (zero-valued spacing)", path) from None
+        if "determinant is 0" in text:
+            raise DataError("degenerate voxel axes in the file header (direction matrix with determinant 0)",
+                            path) from None
         raise _corrupt(path, _itk_message(exc)) from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
             f"{img.GetNumberOfComponentsPerPixel()}-component (vector/RGB) image where a scalar volume "
@@ -396,7 +497,8 @@ def _write_detached(path: Path, img) -> None:
     import SimpleITK as sitk
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # named after this host and process, so a killed writer's folder is removed by the next write (atomic.py)
+    tmpdir = make_temp_folder(path.parent)
     try:
         sitk.WriteImage(img, str(tmpdir / path.name), True)
         produced = sorted(tmpdir.iterdir(), key=lambda p: p.name == path.name)  # header last

@@ -77,6 +77,7 @@ from typing import Any
 from modalseg.data.io import SUPPORTED_EXTENSIONS
 from modalseg.data.types import CaseFiles, DatasetSpec
 from modalseg.errors import ConfigError, DataError
+from modalseg.utils.names import check_name
 
 LAYOUTS = ("nnunet", "mscmrseg", "mmwhs", "folder")
 
@@ -88,6 +89,15 @@ MMWHS_TO_BACKGROUND = (550, 600, 850, 421)
 _MSCMR_RE = re.compile(r"^patient(\d+)_(C0|LGE|T2)(_manual)?\.nii(\.gz)?$", re.IGNORECASE)
 _MMWHS_RE = re.compile(r"^(ct|mr)_(train|test)_(\d+)_(image|label)\.nii(\.gz)?$", re.IGNORECASE)
 _CHANNEL_RE = re.compile(r"^(.*)_(\d{4})$")
+
+#: dataset.json keys of nnU-Net v2, the Decathlon (MSD v1) and modalseg's extensions; anything else is a warning.
+NNUNET_KEYS = frozenset({
+    "channel_names", "modality", "labels", "numTraining", "file_ending", "training", "test", "numTest", "name",
+    "description", "reference", "licence", "license", "release", "tensorImageSize", "regions_class_order",
+    "overwrite_image_reader_writer", "dataset_name", "author", "citation",
+    "case_patient", "paired", "modalities", "case_modality", "labels_to_background",
+})
+FOLDER_KEYS = frozenset({"modalities", "labels", "name", "file_ending", "case_patient", "labels_to_background"})
 
 
 def load_dataset(
@@ -114,7 +124,54 @@ def load_dataset(
     }
     if layout not in loaders:
         raise ConfigError(f"unknown dataset layout {layout!r} (choose from auto, {', '.join(LAYOUTS)})")
-    return loaders[layout](root, split, **options)
+    spec = loaders[layout](root, split, **options)
+    _check_spec_names(spec)
+    return spec
+
+
+def _check_spec_names(spec: DatasetSpec) -> None:
+    """Refuse names that would be unsafe in a file name, and modality names that collide (issue: names are data).
+
+    Dataset, class and modality names come from a JSON file, case ids from file or folder names; all of them
+    end up in output or cache paths. Modality names are compared case-insensitively, because files named after
+    them (``T1C.nii.gz`` / ``t1c.nii.gz``) are the same file on case-insensitive file systems.
+    """
+    declared = next((spec.root / n for n in ("dataset.json", "modalseg.json") if (spec.root / n).is_file()), spec.root)
+    check_name(spec.name, "dataset name", declared, DataError)
+    for name in spec.labels:
+        check_name(name, "class name", declared, DataError)
+    seen: dict[str, str] = {}
+    for name in spec.modalities:
+        check_name(name, "modality name", declared, DataError)
+        if name.casefold() in seen:
+            raise DataError(
+                f"modality (channel) name {name!r} is declared twice (also {seen[name.casefold()]!r}); "
+                "each channel must have its own name", declared)
+        seen[name.casefold()] = name
+    for case in spec.cases:
+        check_name(case.case_id, "case id", case.images[0] if case.images else spec.root, DataError)
+
+
+def _unknown_keys(meta: dict, known: Iterable[str], path: Path) -> list[str]:
+    """One warning per key nobody reads, with the closest known key (a typo such as ``case_patients``)."""
+    import difflib
+
+    known = sorted(known)
+    out = []
+    for key in sorted(set(meta) - set(known)):
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(f"{path}: unknown key {key!r} is ignored{hint}")
+    return out
+
+
+def _check_case_patient(case_patient: dict[str, str], case_ids: Iterable[str], path: Path) -> None:
+    """A ``case_patient`` entry naming no case is a typo that would silently leave a patient ungrouped."""
+    ids = set(case_ids)
+    unknown = sorted(c for c in case_patient if c not in ids)
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise DataError(f"key 'case_patient' names {len(unknown)} case(s) not in the dataset: {shown}", path)
 
 
 def detect_layout(root: str | Path) -> str:
@@ -341,7 +398,9 @@ def _load_nnunet(root: Path, split: str, **options: Any) -> DatasetSpec:
 
     if split == "train" and len(cases) != num_training:
         raise DataError(f"numTraining is {num_training} but imagesTr has {len(cases)} case(s)", jpath)
-    name = meta.get("name") if isinstance(meta.get("name"), str) else root.name
+    if split == "train":
+        _check_case_patient(case_patient, (c.case_id for c in cases), jpath)
+    name = meta.get("name") if isinstance(meta.get("name"), str) else root.resolve().name
     return DatasetSpec(
         root=root,
         name=name,
@@ -352,6 +411,7 @@ def _load_nnunet(root: Path, split: str, **options: Any) -> DatasetSpec:
         file_ending=ending,
         layout="nnunet",
         labels_to_background=to_background,
+        warnings=_unknown_keys(meta, NNUNET_KEYS, jpath),
     )
 
 
@@ -526,7 +586,8 @@ def _load_folder(root: Path, split: str, **options: Any) -> DatasetSpec:
         cid = folder.name
         images = tuple(folder / f"{m}{ending}" for m in modalities)
         cases.append(CaseFiles(cid, images, folder / f"label{ending}", case_patient.get(cid, cid)))
-    name = meta.get("name") if isinstance(meta.get("name"), str) else root.name
+    _check_case_patient(case_patient, (c.case_id for c in cases), jpath)
+    name = meta.get("name") if isinstance(meta.get("name"), str) else root.resolve().name
     return DatasetSpec(
         root=root,
         name=name,
@@ -537,4 +598,5 @@ def _load_folder(root: Path, split: str, **options: Any) -> DatasetSpec:
         file_ending=ending,
         layout="folder",
         labels_to_background=to_background,
+        warnings=_unknown_keys(meta, FOLDER_KEYS, jpath),
     )

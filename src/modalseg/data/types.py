@@ -68,6 +68,8 @@ class DatasetSpec:
     layout: str = "nnunet"
     # Label values present in files that map to background (e.g. MM-WHS classes paper 2 does not use).
     labels_to_background: tuple[int, ...] = ()
+    #: one line per harmless oddity found while listing (e.g. an unknown dataset.json key); callers show them
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

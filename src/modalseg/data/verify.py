@@ -8,7 +8,8 @@ them in one pass:
 * a declared file (modality image or training label) is missing or unreadable;
 * within a paired case, a modality's shape, spacing (relative tolerance) or orientation (direction
   cosines, absolute tolerance) differs from channel 0;
-* a label's shape, spacing or orientation differs from its image;
+* a label's shape, spacing, orientation or origin differs from its image (origins: by more than half
+  the image's smallest voxel size, :data:`ORIGIN_TOL_VOXELS`);
 * label values outside the declared values and ``labels_to_background``;
 * NaN/inf voxels; a constant (empty) image.
 
@@ -79,6 +80,27 @@ def _direction(volume: Volume) -> np.ndarray:
     return m / norms
 
 
+# A label (or a prediction) must lie on its image's (reference's) voxel grid: origins (affine translations,
+# RAS mm) further apart than half the smallest voxel size put every voxel on another one's neighbour.
+ORIGIN_TOL_VOXELS = 0.5
+
+
+def _origin_problem(vol: Volume, ref: Volume, what: str, ref_name: str, tol_voxels: float) -> str | None:
+    """``vol``'s origin against ``ref``'s: a problem when they are more than ``tol_voxels`` of ``ref``'s
+    smallest voxel size apart (Euclidean distance of the affine translations, in mm)."""
+    o = np.asarray(vol.affine, dtype=np.float64)[:3, 3] + 0.0  # + 0.0: no "-0" in the message
+    o0 = np.asarray(ref.affine, dtype=np.float64)[:3, 3] + 0.0
+    shift = float(np.linalg.norm(o - o0))
+    limit = tol_voxels * min(ref.spacing)
+    if not shift > limit:
+        return None
+    how = "half a voxel" if tol_voxels == 0.5 else f"{tol_voxels:g} voxel(s)"
+    return (
+        f"{vol.path}: {what} origin {_fmt_tuple(tuple(o))} differs from {ref_name} {ref.path} "
+        f"{_fmt_tuple(tuple(o0))} by {shift:.3g} mm (more than {how})"
+    )
+
+
 def _compare_geometry(
     vol: Volume,
     ref: Volume,
@@ -86,8 +108,10 @@ def _compare_geometry(
     ref_name: str,
     spacing_tol: float,
     direction_tol: float,
+    origin_tol_voxels: float | None = None,
 ) -> list[str]:
-    """Problems of ``vol`` against ``ref`` (shape, spacing, orientation)."""
+    """Problems of ``vol`` against ``ref`` (shape, spacing, orientation and, when ``origin_tol_voxels`` is
+    given, origin)."""
     out = []
     if vol.shape != ref.shape:
         out.append(f"{vol.path}: {what} shape {vol.shape} differs from {ref_name} {ref.path} {ref.shape}")
@@ -110,6 +134,10 @@ def _compare_geometry(
             f"{vol.path}: {what} orientation {detail} differs from {ref_name} {ref.path} {detail0} "
             f"(direction cosines differ by up to {diff:.3g})"
         )
+    if origin_tol_voxels is not None:
+        problem = _origin_problem(vol, ref, what, ref_name, origin_tol_voxels)
+        if problem:
+            out.append(problem)
     return out
 
 
@@ -195,7 +223,9 @@ def verify_dataset(
         if label is None:
             continue
         if ref is not None:
-            problems.extend(_compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol))
+            problems.extend(
+                _compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol, ORIGIN_TOL_VOXELS)
+            )
         values = {int(v) for v in np.unique(label.array)}
         found_values |= values
         unexpected = sorted(values - allowed)
@@ -242,13 +272,17 @@ def geometry_problems(
     *,
     spacing_tol: float = 1e-3,
     direction_tol: float = 1e-3,
+    origin_tol_voxels: float | None = None,
 ) -> list[str]:
     """``"PATH: problem"`` lines for a shape, spacing or orientation difference of ``vol`` from ``ref``.
 
     The same check as :func:`verify_dataset`, for the commands that read files without verifying a whole
     dataset first (the training cache, ``predict``, ``evaluate``), so that they refuse what verify refuses.
+    With ``origin_tol_voxels`` (e.g. :data:`ORIGIN_TOL_VOXELS`), origins further apart than that many of
+    ``ref``'s smallest voxel size are a problem too: for a label against its image and a prediction against
+    its reference, never between modalities (whose registration is the user's job).
     """
-    return _compare_geometry(vol, ref, what, ref_name, spacing_tol, direction_tol)
+    return _compare_geometry(vol, ref, what, ref_name, spacing_tol, direction_tol, origin_tol_voxels)
 
 
 def intensity_problems(vol: Volume) -> list[str]:

@@ -158,6 +158,10 @@ class DilatedFCN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=negative_slope, nonlinearity="leaky_relu")
 
+    #: stride 8, undone by an 8x pixel shuffle: sides must be multiples of 8
+    size_multiple = 8
+    min_size = 8
+
     def groups(self) -> list[tuple[str, nn.Module]]:
         """The named stages in forward order (``group1`` ... ``group10``, ``classifier``)."""
         return [(name, getattr(self, name)) for name in FEATURE_NAMES]

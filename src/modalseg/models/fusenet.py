@@ -87,6 +87,10 @@ class FuseNet(nn.Module):
         self.record_attention = False
         self.attention_maps: dict[str, list[torch.Tensor]] = {}  # no SA blocks: always empty
 
+    #: five VGG stages, each halving the size with a max-pool (the decoder unpools to each stage's own size, so
+    #: sides need not be multiples of 32, but one pixel must be left at the fifth)
+    min_size = 32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.num_modalities * self.in_channels
         if x.dim() != 4 or x.shape[1] != expected:

@@ -281,6 +281,12 @@ class FusionUNet(nn.Module):
     def expected_channels(self) -> int:
         return self.config.num_modalities * self.config.in_channels
 
+    @property
+    def min_size(self) -> int:
+        """Sides smaller than this (one pixel at the deepest level) cannot pass the encoder's poolings; other
+        sides need not be multiples of it (the decoder sizes each upsampling to its skip)."""
+        return 2**self.config.depth
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != self.expected_channels:

@@ -170,6 +170,16 @@ class UnpairedSegmenter(nn.Module):
     def num_modalities(self) -> int:
         return len(self.modalities)
 
+    @property
+    def size_multiple(self) -> int:
+        """The backbone's: input sides must be multiples of it (see ``modalseg.training.inference``)."""
+        return max(int(getattr(net, "size_multiple", 1)) for net in self.networks)
+
+    @property
+    def min_size(self) -> int:
+        """The backbone's smallest input side."""
+        return max(int(getattr(net, "min_size", 1)) for net in self.networks)
+
     def modality_index(self, modality: int | str) -> int:
         """Index of a modality given by index or name."""
         if isinstance(modality, str):

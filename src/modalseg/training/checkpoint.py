@@ -18,6 +18,7 @@ from torch import nn
 
 from modalseg.errors import CheckpointError
 from modalseg.utils.atomic import atomic_torch_save
+from modalseg.utils.names import check_names
 
 if TYPE_CHECKING:
     from modalseg.training.model_meta import ModelMeta
@@ -50,6 +51,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"unreadable or corrupt checkpoint ({_first_sentence(exc)})", path) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError("not a modalseg checkpoint", path)
+    version = state.get("version")
+    if version != VERSION:
+        raise CheckpointError(
+            f"refused: checkpoint format version {version!r}, this modalseg reads version {VERSION} "
+            "(written by another modalseg release?)", path)
     return state
 
 
@@ -89,21 +95,57 @@ def read_model_meta(state: dict[str, Any], ckpt: str | Path) -> ModelMeta:
         meta = ModelMeta.from_dict(raw)
     except TypeError as exc:
         raise CheckpointError(f"invalid model description ({' '.join(str(exc).split())[:160]})", ckpt) from None
-    if (
-        meta.kind not in ("paired", "unpaired")
-        or not isinstance(meta.modalities, list)
-        or not meta.modalities
-        or not isinstance(meta.labels, dict)
-        or not meta.labels
-        or not isinstance(meta.preprocess, dict)
-        or not isinstance(meta.model_options, dict)
-    ):
-        raise CheckpointError("invalid model description (kind, modalities, labels or preprocess)", ckpt)
+    _check_meta_types(meta, ckpt)
     if meta.num_classes != len(meta.labels):
         raise CheckpointError(
             f"invalid model description ({meta.num_classes} classes but {len(meta.labels)} labels)", ckpt
         )
+    # Names from a checkpoint become file names (CASE_prob_<class>): data, never paths.
+    check_names(meta.labels, "class name", ckpt, CheckpointError)
+    for names in (meta.modalities, meta.channel_names or []):
+        check_names(names, "modality name", ckpt, CheckpointError)
+        if len({n.casefold() for n in names}) != len(names):
+            raise CheckpointError(f"invalid model description (modality names repeat: {names})", ckpt)
     return meta
+
+
+def _check_meta_types(meta: ModelMeta, ckpt: str | Path) -> None:
+    """Every field of the description has its declared type (a hostile or damaged file is one line, no crash)."""
+    def bad(what: str) -> None:
+        raise CheckpointError(f"invalid model description ({what})", ckpt)
+
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if meta.kind not in ("paired", "unpaired"):
+        bad(f"kind {meta.kind!r} is not paired or unpaired")
+    if not isinstance(meta.model, str) or not meta.model:
+        bad("model must be a name")
+    mods = meta.modalities
+    if not isinstance(mods, list) or not mods or not all(isinstance(m, str) for m in mods):
+        bad("modalities must be a non-empty list of names")
+    if meta.channel_names is not None and (
+        not isinstance(meta.channel_names, list) or not all(isinstance(m, str) for m in meta.channel_names)
+    ):
+        bad("channel_names must be a list of names")
+    if meta.kind == "paired" and meta.channel_names and any(m not in meta.channel_names for m in meta.modalities):
+        bad(f"modalities {meta.modalities} are not all among channel_names {meta.channel_names}")
+    if not isinstance(meta.labels, dict) or not meta.labels or not all(
+        isinstance(k, str) and is_int(v) for k, v in meta.labels.items()
+    ):
+        bad("labels must be a non-empty mapping of class name to integer value")
+    if not is_int(meta.num_classes) or meta.num_classes < 1:
+        bad(f"num_classes {meta.num_classes!r} is not a positive integer")
+    if not is_int(meta.in_channels) or meta.in_channels < 1:
+        bad(f"in_channels {meta.in_channels!r} is not a positive integer")
+    if not isinstance(meta.preprocess, dict) or not isinstance(meta.model_options, dict):
+        bad("preprocess and model_options must be mappings")
+    if meta.setting is not None and not isinstance(meta.setting, str):
+        bad("setting must be a name")
+    if meta.feature_layers is not None and (
+        not isinstance(meta.feature_layers, list) or not all(isinstance(m, str) for m in meta.feature_layers)
+    ):
+        bad("feature_layers must be a list of layer names")
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, meta: str = "") -> None:

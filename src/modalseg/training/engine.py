@@ -39,12 +39,40 @@ from modalseg.errors import CheckpointError, ConfigError, TrainingError
 from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta, save_checkpoint
 from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
-from modalseg.training.inference import foreground_dice_per_group, predict_probabilities
+from modalseg.training.inference import foreground_dice_per_group, input_size_rule, predict_probabilities
 from modalseg.training.precision import Precision, resolve_device, resolve_precision
 from modalseg.training.splits import load_or_create_splits
 from modalseg.training.tasks import ModelMeta, PairedLoss, UnpairedLoss, build_network, paired_channels
 from modalseg.utils.atomic import atomic_write_bytes, atomic_write_text
+from modalseg.utils.names import child_path
+from modalseg.utils.run_lock import RunLock
 from modalseg.utils.seed import seed_everything
+
+#: Files of a finished or interrupted training in a fold folder: a new training never silently replaces them.
+RUN_OUTPUTS = ("latest.pt", "best.pt", "log.csv", "config.yaml", "validation.csv", "progress.png")
+
+#: Options that may differ on ``--resume`` without changing what the run computes (they are applied and recorded
+#: in config.yaml); any other difference is refused. ``epochs``/``max_steps`` only move the end of the run.
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "max_steps", "val_every", "checkpoint_every", "progress", "tensorboard", "num_threads", "device",
+    "output",
+})
+
+
+def previous_outputs(run_dir: Path) -> list[str]:
+    """Names of :data:`RUN_OUTPUTS` present in ``run_dir``."""
+    return [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Options of ``current`` that differ from the checkpoint's ``saved`` config and alter the run."""
+    def same(key: str) -> bool:
+        a, b = saved.get(key), current.get(key)
+        if key in ("data", "cache_dir") and isinstance(a, str) and isinstance(b, str):
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    return sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and not same(k))
 
 PAPER1_RECIPE = {"batch_size": 4, "amsgrad": True, "lr_step": 30, "lr_gamma": 0.5, "lr_step_unit": "epoch",
                  "conv_l2": 0.0, "model": "master_assistant"}
@@ -82,7 +110,7 @@ def make_preprocess(cfg: TrainConfig) -> PreprocessConfig:
 def prepare_cache(cfg: TrainConfig, spec: DatasetSpec, pp: PreprocessConfig, info: DistInfo) -> SliceCache:
     """Build (rank 0) or reuse the slice cache of the whole dataset."""
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output).parent / ".modalseg_cache"
-    cache_dir = cache_root / spec.name
+    cache_dir = child_path(cache_root, spec.name)  # the dataset's name is data, never a path
     cache = None
     if info.is_main:
         cache = build_slice_cache(spec, pp, cache_dir, progress=cfg.progress)
@@ -95,7 +123,7 @@ def prepare_cache(cfg: TrainConfig, spec: DatasetSpec, pp: PreprocessConfig, inf
 class Trainer:
     """Train one fold of one run. ``Trainer(cfg).fit()``; ``resume=True`` continues from ``latest.pt``."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> None:
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -103,10 +131,15 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        self.run_dir = Path(cfg.output) / f"fold_{cfg.fold}"
+        self.resume, self.overwrite = resume, overwrite
+        self._check_run_folder()  # before any cache is built: a refused run costs nothing
         self.spec = load_dataset(cfg.data, cfg.layout)
+        if self.dist.is_main:
+            for warning in self.spec.warnings:
+                print(f"warning: {warning}", flush=True)
         self.cfg = cfg = resolve_recipe(cfg, self.spec)
         self.precision: Precision = resolve_precision(self.device, cfg.precision, cfg.channels_last)
-        self.run_dir = Path(cfg.output) / f"fold_{cfg.fold}"
         self.pp = make_preprocess(cfg)
         self.cache = prepare_cache(cfg, self.spec, self.pp, self.dist)
         patients = sorted(self.cache.patients)
@@ -127,6 +160,16 @@ class Trainer:
             self._resume()
 
     # ------------------------------------------------------------------ construction
+    def _check_run_folder(self) -> None:
+        """``--resume`` needs a checkpoint; a fresh run never replaces another run's files unless ``overwrite``."""
+        found = previous_outputs(self.run_dir)
+        if self.resume and "latest.pt" not in found:
+            raise ConfigError("nothing to resume: no latest.pt in this folder (start without --resume)", self.run_dir)
+        if not self.resume and found and not self.overwrite:
+            raise ConfigError(
+                f"holds a previous training ({', '.join(found)}); pass --resume to continue it or --overwrite to "
+                "replace it", self.run_dir)
+
     def _build_model(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.seed)
@@ -176,6 +219,14 @@ class Trainer:
         train_cases = sorted(c for p in self.split["train"] for c in cases_of.get(p, ()))
         val_cases = sorted(c for p in self.split["val"] for c in cases_of.get(p, ()))
         ws, rank = self.dist.world_size, self.dist.rank
+        multiple, minimum = input_size_rule(self.network)
+        height, width = (int(v) for v in self.cache.images.shape[-2:])
+        if height % multiple or width % multiple or min(height, width) < minimum:
+            need = max(minimum, height + (-height) % multiple), max(minimum, width + (-width) % multiple)
+            raise ConfigError(
+                f"slices are {height}x{width} but model {cfg.model} needs sides of at least {minimum} that are "
+                f"multiples of {multiple} (its downsampling); set preprocess_options target_size (e.g. "
+                f"[{need[0] + (-need[0]) % multiple}, {need[1] + (-need[1]) % multiple}]) or a smaller depth")
         if cfg.batch_size % ws:
             raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {ws} processes")
         if self.paired:
@@ -235,8 +286,16 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
-        if self.dist.is_main:
-            save_checkpoint(self._state(), self.run_dir / name)
+        """Write a checkpoint, never one with non-finite weights (a diverged model must not become best.pt)."""
+        if not self.dist.is_main:
+            return
+        for key, tensor in self.network.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise TrainingError(
+                    f"weights became non-finite ({key}) by epoch {self.epoch + 1}, step {self.global_step} "
+                    f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); {name} was not written, the last good "
+                    "checkpoint is kept; lower lr or check the inputs", self.run_dir / name)
+        save_checkpoint(self._state(), self.run_dir / name)
 
     def _resume(self) -> None:
         path = self.run_dir / "latest.pt"
@@ -246,6 +305,15 @@ class Trainer:
             raise CheckpointError(
                 f"was written for a different model {theirs}; this run is {self.meta.describe()}", path
             )
+        saved_cfg = state.get("config")
+        if not isinstance(saved_cfg, dict):
+            raise CheckpointError("has no training configuration to resume with", path)
+        changed = changed_options(saved_cfg, self.cfg.to_dict())
+        if changed:
+            shown = "; ".join(f"{k}: {saved_cfg.get(k)!r} -> {getattr(self.cfg, k, None)!r}" for k in changed[:6])
+            raise ConfigError(
+                f"--resume with changed option(s) that alter the run ({shown}); resume with the original options "
+                "or start a new run (--overwrite or another --output)", path)
         load_model_state(self.network, state["model_state"], path)
         try:
             self.optimizer.load_state_dict(state["optimizer_state"])
@@ -293,6 +361,22 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``cfg.epochs`` (or ``cfg.max_steps``), validating, logging and checkpointing."""
+        if not self.dist.is_main:
+            return self._fit()
+        with RunLock(self.run_dir):
+            self._check_run_folder()  # again, under the lock: another process may have finished meanwhile
+            if self.overwrite and not self.resume:
+                self._remove_previous_outputs()
+            return self._fit()
+
+    def _remove_previous_outputs(self) -> None:
+        import shutil
+
+        for name in previous_outputs(self.run_dir):
+            (self.run_dir / name).unlink()
+        shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
@@ -314,6 +398,8 @@ class Trainer:
                         f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); lower lr or check the inputs; "
                         "the last checkpoint is kept", self.run_dir / "latest.pt")
                 self.scaler.scale(loss).backward()
+                if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps by design
+                    self._check_gradients(float(loss.detach()))
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 if cfg.lr_step_unit == "iteration":
@@ -358,6 +444,15 @@ class Trainer:
         barrier(self.dist)
         return {"best_val_dice": self.best, "epochs": self.epoch, "steps": self.global_step,
                 "run_dir": str(self.run_dir)}
+
+    def _check_gradients(self, loss: float) -> None:
+        grads = [p.grad for p in self.loss_module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(norm):
+            raise TrainingError(
+                f"gradient norm became {norm} at epoch {self.epoch + 1}, step {self.global_step + 1} (loss {loss:.4g},"
+                f" lr {self.optimizer.param_groups[0]['lr']:.3g}); the step was not applied, the last checkpoint is "
+                "kept; lower lr or check the inputs", self.run_dir / "latest.pt")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> float:
