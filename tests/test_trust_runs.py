@@ -395,3 +395,20 @@ def test_training_on_slices_too_small_for_the_network_is_one_line(tmp_path, caps
 def test_lock_file_and_temporaries_do_not_outlive_a_normal_run(finished_run):
     _, run = finished_run
     assert_no_temp_files(run)  # no .modalseg.lock, no .ms-tmp-* after a run that ended normally
+
+
+# ------------------------------------------------------------------------------------------------ 18 argparse
+@pytest.mark.parametrize("argv", [
+    ["verify", "x", "--max-anisotropy", "abc"],
+    ["experiment", "paper1", "--runs", "abc"],
+    ["predict", "--model", "m.pt"],  # --input and --output missing
+    ["frobnicate"],
+])
+def test_argument_errors_are_one_line(argv, capsys):
+    from modalseg.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2
+    assert len(err) == 1 and "error:" in err[0] and "usage" not in err[0], err

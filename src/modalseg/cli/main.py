@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from modalseg import __version__
 from modalseg.errors import ModalsegError
@@ -18,8 +19,17 @@ from modalseg.utils.host_memory import keep_freed_memory
 COMMANDS = ["synth", "verify", "train", "evaluate", "predict", "experiment", "demo"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage and the error on two or more lines; modalseg's rule is one line on stderr
+    (``modalseg train: error: argument --runs: invalid int value: 'abc'``) and exit 2. Sub-parsers inherit this
+    class, so every command and experiment option follows the rule; ``--help`` still prints the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="modalseg",
         description="Multi-modal medical image segmentation: paired fusion and unpaired learning.",
     )
