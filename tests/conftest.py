@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 # Tests are sized for 2 cores; keep torch from oversubscribing when pytest-xdist runs 2 workers.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `precision: auto` caches its measured choice; tests must not write to the user's ~/.cache (one folder per worker).
+os.environ["MODALSEG_CACHE_DIR"] = tempfile.mkdtemp(prefix="modalseg-test-cache-")
 
 
 @pytest.fixture(scope="session")

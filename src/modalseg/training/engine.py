@@ -204,6 +204,8 @@ class Trainer:
             )
         if cfg.sync_bn and self.dist.enabled and self.device.type == "cuda":
             loss_module = nn.SyncBatchNorm.convert_sync_batchnorm(loss_module)
+        if cfg.precision == "auto":
+            self.precision = self._choose_precision(loss_module)
         loss_module = self.precision.prepare_model(loss_module)
         self.network = loss_module.network
         self.loss_module = loss_module
@@ -212,6 +214,33 @@ class Trainer:
             self.step_module: nn.Module = nn.parallel.DistributedDataParallel(loss_module, device_ids=ids)
         else:
             self.step_module = loss_module
+
+    def _choose_precision(self, loss_module: nn.Module) -> Precision:
+        """``precision: auto``: time the candidate modes on this very model (training/precision_probe.py) on rank
+        0 and use its choice on every rank (ranks must agree, and each probe would cost its ~2 s budget)."""
+        from modalseg.training.precision_probe import choose_precision
+
+        choice: list[Any] = [None]
+        if self.dist.is_main:
+            precision, line = choose_precision(loss_module, self._probe_example, self.device, "train",
+                                               channels_last=self.cfg.channels_last, model_name=self.cfg.model)
+            print(line, flush=True)
+            choice = [precision]
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            label = [choice[0].label if choice[0] is not None else None]
+            tdist.broadcast_object_list(label, src=0)
+            return choice[0] if self.dist.is_main else Precision.from_label(self.device, label[0])
+        return choice[0]
+
+    def _probe_example(self) -> tuple:
+        """A training batch for the precision probe: the loss module's (images, labels) from the cache."""
+        n = min(len(self.cache), self.cfg.batch_size or 2)
+        x, y = self.cache.get_batch(np.arange(n))
+        if self.paired:
+            return x[:, [self.spec.modalities.index(m) for m in self.meta.modalities]], y
+        return [x] * len(self.meta.modalities), [y] * len(self.meta.modalities)
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -431,6 +460,7 @@ class Trainer:
                           "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
                 improved = False
                 if self.epoch % cfg.val_every == 0 or stop or self.epoch == cfg.epochs:
+                    self._guard_precision()
                     record["val_dice"] = self.validate()
                     improved = record["val_dice"] > self.best
                     self.best = max(self.best, record["val_dice"])
@@ -455,6 +485,41 @@ class Trainer:
                 "kept; lower lr or check the inputs", self.run_dir / "latest.pt")
 
     # ------------------------------------------------------------------ validation
+    def _guard_precision(self) -> None:
+        """Once, at the first validation: an ``auto``-chosen low precision is kept only if its validation
+        predictions match fp32's (precision_probe.accuracy_guard); else training continues in fp32 with the same
+        memory format (so parameters and optimiser state keep their layout). Rank 0 decides for all ranks."""
+        info = self.precision.auto
+        if info is None or self.precision.dtype is None or getattr(self, "_precision_guarded", False):
+            return
+        self._precision_guarded = True
+        from modalseg.training.precision_probe import accuracy_guard
+
+        label: list[str | None] = [None]
+        if self.dist.is_main:
+            groups = {"all": self.val_idx} if self.paired else self.val_idx_by_mod
+            k, idx = next(((k, np.sort(v)[:16]) for k, v in enumerate(groups.values()) if len(v)), (0, None))
+            if idx is not None:
+                images = self.cache.images[idx]
+                if self.paired:
+                    images = images[:, self.channel_index]
+                target = np.asarray(self.cache.labels[idx])
+                fp32 = "fp32+channels_last" if self.precision.channels_last else "fp32"
+                candidate = dataclasses.replace(self.precision, auto=dataclasses.replace(info, fp32_fallback=fp32))
+                chosen, line = accuracy_guard(
+                    candidate,
+                    lambda p: predict_probabilities(self.network, images, p, modality=None if self.paired else k),
+                    target=target, num_classes=self.meta.num_classes)
+                self.network.train()
+                print(line, flush=True)
+                label = [chosen.label]
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.broadcast_object_list(label, src=0)
+        if label[0] is not None and label[0] != self.precision.label:
+            self.precision = Precision.from_label(self.device, label[0])
+
     def validate(self) -> float:
         """Mean foreground Dice per validation patient (slices stacked), averaged (over modalities if unpaired)."""
         if not self.dist.is_main:

@@ -1,9 +1,10 @@
-"""Device and numeric precision: bf16 autocast + channels_last on CPUs with native bf16, CUDA AMP on GPUs.
+"""Device and numeric precision: the autocast dtype and memory format of training and inference.
 
-CPUs with native bf16 matrix instructions (AMX-BF16, or AVX512-BF16 as on the AMD EPYC of our CI machine)
-train paper-1 networks 1.5-7x faster with bf16 autocast + channels_last than in fp32, with the same validation
-Dice (docs/benchmarks.md has both measurements). ``auto`` therefore picks bf16 on such CPUs and on CUDA devices
-that support bf16 (fp16 AMP on older GPUs), fp32 elsewhere.
+``precision: auto`` is decided by *measurement*, not by CPU flags: on an Intel Xeon with AVX512-BF16 but no AMX
+bf16 autocast + channels_last was the slowest mode (master_assistant training 0.48 img/s vs 0.66 fp32 and 0.71
+fp32 + channels_last), on an AMD EPYC with the same flag it was 2.2x fp32. ``precision_probe.choose_precision``
+times the candidate modes on the real network and caches the winner; :func:`resolve_precision` handles the
+explicit modes and, having no model to measure, maps ``auto`` to fp32.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modalseg.errors import ConfigError
 
+_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether the CPU lists AMX-BF16 or AVX512-BF16 (Linux ``/proc/cpuinfo`` flags)."""
+    """Whether the CPU lists AMX-BF16 or AVX512-BF16 (Linux ``/proc/cpuinfo``); informational, not a speed test."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -30,14 +33,43 @@ def cpu_has_native_bf16() -> bool:
 
 
 @dataclass(frozen=True)
+class AutoInfo:
+    """How ``auto`` chose a mode: what the accuracy guard needs to demote it and mark the cache entry."""
+
+    key: str
+    cache_path: Path | None
+    fp32_fallback: str  # label of the fastest fp32 mode measured (e.g. "fp32+channels_last")
+    measured_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Precision:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None = fp32
     channels_last: bool
+    #: set when ``auto`` chose this mode (precision_probe.choose_precision); not part of equality
+    auto: AutoInfo | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def label(self) -> str:
+        """``fp32``, ``fp32+channels_last``, ``bf16+channels_last``, ...: the mode including the memory format."""
+        return self.name + ("+channels_last" if self.channels_last else "")
+
+    @property
+    def short_label(self) -> str:
+        return self.name + ("+CL" if self.channels_last else "")
+
+    @classmethod
+    def from_label(cls, device: torch.device, label: str, auto: AutoInfo | None = None) -> Precision:
+        """Inverse of :attr:`label`; raises ``ValueError`` on an unknown label."""
+        name, _, fmt = label.partition("+")
+        if name not in _DTYPES or fmt not in ("", "channels_last", "CL"):
+            raise ValueError(f"unknown precision label {label!r}")
+        return cls(device, _DTYPES[name], bool(fmt), auto)
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -69,13 +101,16 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_precision(device: torch.device, precision: str = "auto", channels_last: bool | None = None) -> Precision:
-    """Pick the autocast dtype and memory format for ``device``."""
+    """The explicit mode ``precision`` on ``device``; channels_last defaults to on for autocast modes.
+
+    ``auto`` needs a model to measure (``precision_probe.choose_precision``); without one it is fp32, the mode
+    that is never wrong, only possibly slower.
+    """
     if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        precision = "fp32"
+    if precision not in _DTYPES:
+        raise ConfigError(f"precision must be auto, bf16, fp16 or fp32 (got {precision!r})")
+    dtype = _DTYPES[precision]
     if dtype is torch.float16 and device.type == "cpu":
         raise ConfigError("fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
     if channels_last is None:
