@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import modalseg.data.io as mio
-from modalseg.data.cache import SliceCache, build_slice_cache, cache_fingerprint
+from modalseg.data.cache import SliceCache, _read_case, build_slice_cache, cache_fingerprint
 from modalseg.data.preprocess import PreprocessConfig, preprocess_volume
 from modalseg.data.types import CaseFiles, DatasetSpec
 from modalseg.errors import DataError
@@ -179,9 +179,12 @@ def test_interrupted_build_leaves_no_cache(spec, tmp_path, monkeypatch):
 
 
 def test_shape_mismatch_between_modalities_is_reported(spec, tmp_path):
+    """``strict``: another grid is refused (by default it is resampled, but a constant image stays refused)."""
     other = spec.cases[2].images[1]
     _save(other, np.zeros((20, 18, 6), np.float32))
     with pytest.raises(DataError, match=r"differs from modality 0"):
+        _read_case(spec, spec.cases[2], spec.label_lut(), strict=True)
+    with pytest.raises(DataError, match=r"constant image"):
         build_slice_cache(spec, CFG, tmp_path / "cache")
 
 

@@ -18,7 +18,8 @@ def test_torchrun_two_processes_equal_single_process(breast_dataset, tmp_path):
     common = ["train", "--data", str(breast_dataset), "--model", "unet", "--seed", "7", "--epochs", "2",
               "--set", "model_options={base_width: 4, norm: group}", "--set", "batch_size=4",
               "--set", "preprocess_options={target_size: [32, 32]}", "--set", "precision=fp32",
-              "--set", "progress=false", "--set", "tensorboard=false", "--set", "num_threads=1"]
+              "--set", "progress=false", "--set", "tensorboard=false", "--set", "num_threads=1",
+              "--set", "foreground_fraction=0"]
     assert main([*common, "--output", str(tmp_path / "single")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -265,18 +265,11 @@ def _json_invalid(ds: Path) -> Path:
 DATASET_FAULTS = {
     # name: (mutate -> offending file, fragment for verify, fragment for train)
     "missing modality file": (_missing, "file not found", "file not found"),
-    "modality shapes differ": (_shape, "shape (16, 14, 2) differs", "shape (16, 14, 2) differs"),
-    "modality spacing differs": (_spacing, "spacing (0.8, 0.9, 3) differs", "spacing (0.8, 0.9, 3) differs"),
-    "modality flipped": (_flipped, "orientation LAS differs", "orientation LAS differs"),
-    "modality rotated 3 degrees": (_rotated, "orientation (", "direction cosines differ by up to 0.05"),
     "NaN voxel": (_nan, "1 NaN/inf voxel(s)", "1 NaN/inf voxel(s)"),
     "inf voxels": (_inf, "2 NaN/inf voxel(s)", "2 NaN/inf voxel(s)"),
     "constant volume": (_constant, "constant image (every voxel is 0)", "constant image (every voxel is 0)"),
     "undeclared label value": (_label_value, "unexpected label values 7 (declared: 0, 1)",
                                "label value(s) 7 not declared"),
-    "label/image shape": (_label_shape, "label shape (16, 15, 2) differs", "label shape (16, 15, 2) differs"),
-    "label/image spacing": (_label_spacing, "label spacing (0.8, 0.8, 2) differs",
-                            "label spacing (0.8, 0.8, 2) differs"),
     "truncated .nii.gz": (_truncated, "cannot read (truncated or corrupt file", "truncated or corrupt"),
     "corrupt .nii.gz": (_garbage, "cannot read (truncated or corrupt file", "truncated or corrupt"),
     "uncompressed file named .nii.gz": (_not_gzip, "named .gz but not gzip-compressed",
@@ -292,6 +285,45 @@ DATASET_FAULTS = {
                                        "unsupported file ending '.png'", "unsupported file ending '.png'"),
     "dataset.json invalid JSON": (_json_invalid, "invalid JSON", "invalid JSON"),
 }
+
+
+# Grids that differ between a case's files: refused only in strict mode; by default training resamples them onto
+# the master image's grid (modalseg.data.geometry) and verify warns. (These were DATASET_FAULTS before.)
+GRID_FAULTS = {
+    # name: (mutate -> offending file, fragment of the strict refusal in verify, in train)
+    "modality shapes differ": (_shape, "shape (16, 14, 2) differs", "shape (16, 14, 2) differs"),
+    "modality spacing differs": (_spacing, "spacing (0.8, 0.9, 3) differs", "spacing (0.8, 0.9, 3) differs"),
+    "modality flipped": (_flipped, "orientation LAS differs", "orientation LAS differs"),
+    "modality rotated 3 degrees": (_rotated, "orientation (", "direction cosines differ by up to 0.05"),
+    "label/image shape": (_label_shape, "label shape (16, 15, 2) differs", "label shape (16, 15, 2) differs"),
+    "label/image spacing": (_label_spacing, "label spacing (0.8, 0.8, 2) differs",
+                            "label spacing (0.8, 0.8, 2) differs"),
+}
+
+
+@pytest.mark.parametrize("fault", list(GRID_FAULTS))
+def test_grid_difference_is_resampled_and_refused_only_when_strict(fault, tmp_path, capsys):
+    from modalseg.data.layouts import load_dataset
+    from modalseg.data.verify import verify_dataset
+    from modalseg.errors import DataError
+
+    mutate, verify_fragment, train_fragment = GRID_FAULTS[fault]
+    bad = mutate(make_dataset(tmp_path / "ds"))
+    code, out, err = run_cli(capsys, ["verify", str(tmp_path / "ds")])
+    assert code == 0 and err == [] and out.rstrip().endswith("OK"), (out, err)
+    (warning,) = [ln for ln in out.splitlines() if ln.startswith(f"warning: {bad}: ")]
+    assert "will be resampled" in warning
+    spec = load_dataset(tmp_path / "ds")
+    problems = verify_dataset(spec, strict=True).problems
+    assert len(problems) >= 1 and problems[0].startswith(str(bad)) and verify_fragment in problems[0]
+    case = next(c for c in spec.cases if c.case_id == "c1")
+    with pytest.raises(DataError, match="differ") as info:
+        mcache._read_case(spec, case, spec.label_lut(), strict=True)
+    assert str(bad) in str(info.value) and train_fragment in str(info.value)
+    code, out, err = run_cli(capsys, train_args(tmp_path / "ds", tmp_path / "run", "--set", "max_steps=1"))
+    assert code == 0, err
+    (note,) = [ln for ln in out.splitlines() if ln.startswith("case c1: ")]
+    assert "resampled" in note and "onto" in note
 
 
 @pytest.mark.parametrize("fault", list(DATASET_FAULTS))
@@ -376,7 +408,7 @@ def test_extremely_anisotropic_spacing_warns_in_verify_and_trains(tmp_path, caps
     assert code == 0 and err == [] and out.rstrip().endswith("OK")
     warnings = [ln for ln in out.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 4 and all("is anisotropic (ratio 40.0 > 20)" in w for w in warnings)
-    code, out, err = run_cli(capsys, train_args(ds, tmp_path / "run", "--set", "max_steps=1"))
+    code, out, err = run_cli(capsys, train_args(ds, tmp_path / "run", "--set", "max_steps=1", "--json"))
     assert code == 0, err
     assert json.loads(out)[0]["steps"] == 1
 
@@ -573,11 +605,6 @@ def _one_nan() -> np.ndarray:
 PREDICT_FAULTS = {
     # name: (make the second (T2W) input in folder d -> its path, fragment of the one-line message)
     "second modality missing": (lambda d: d / "absent_0001.nii.gz", "input not found"),
-    "modality shapes differ": (lambda d: _img(d / "s.nii.gz", shape=(16, 14, 2)), "T2W shape (16, 14, 2) differs"),
-    "modality spacing differs": (lambda d: _img(d / "s.nii.gz", affine=np.diag([0.8, 0.9, 3, 1])),
-                                 "T2W spacing (0.8, 0.9, 3) differs"),
-    "modality flipped": (lambda d: _img(d / "s.nii.gz", affine=np.diag([0.8, -0.8, 3, 1])),
-                         "T2W orientation RPS differs"),
     "NaN voxel": (lambda d: _img(d / "n.nii.gz", array=_one_nan()), "1 NaN/inf voxel(s)"),
     "constant volume": (lambda d: _img(d / "c.nii.gz", array=np.full(SHAPE, 7, np.float32)),
                         "constant image (every voxel is 7)"),
@@ -585,6 +612,37 @@ PREDICT_FAULTS = {
     "wrong extension": (_png, "unsupported file type"),
     "truncated": (_cut, "cannot read (truncated or corrupt file"),
 }
+
+
+# Refused only with strict=True; by default predict resamples the T2W onto the T1C's grid (one printed line).
+PREDICT_GRID_FAULTS = {
+    "modality shapes differ": (lambda d: _img(d / "s.nii.gz", shape=(16, 14, 2)), "T2W shape (16, 14, 2) differs"),
+    "modality spacing differs": (lambda d: _img(d / "s.nii.gz", affine=np.diag([0.8, 0.9, 3, 1])),
+                                 "T2W spacing (0.8, 0.9, 3) differs"),
+    "modality flipped": (lambda d: _img(d / "s.nii.gz", affine=np.diag([0.8, -0.8, 3, 1])),
+                         "T2W orientation RPS differs"),
+}
+
+
+@pytest.mark.parametrize("fault", list(PREDICT_GRID_FAULTS))
+def test_predict_resamples_other_grid_and_refuses_it_when_strict(fault, paired_ckpt, case_files, tmp_path, capsys):
+    from modalseg.errors import DataError
+    from modalseg.training.precision import resolve_precision
+    from modalseg.training.predict import load_models, predict_case
+
+    make, fragment = PREDICT_GRID_FAULTS[fault]
+    other = make(case_files[0].parent)
+    out = tmp_path / "out"
+    code, stdout, err = _predict(capsys, paired_ckpt, [case_files[0], other], out)
+    assert code == 0 and err == [], err
+    assert sum("T2W resampled (linear) onto T1C's grid" in ln for ln in stdout.splitlines()) == 1
+    written = read_volume(out / "p_0000.nii.gz", kind="label")
+    assert written.shape == SHAPE and np.array_equal(written.affine, read_volume(case_files[0]).affine)
+    fp32 = resolve_precision(torch.device("cpu"), "fp32")
+    models = load_models([paired_ckpt], fp32)
+    with pytest.raises(DataError, match="differs") as info:
+        predict_case(models, [case_files[0], other], fp32, strict=True)
+    assert str(other) in str(info.value) and fragment in str(info.value)
 
 
 @pytest.mark.parametrize("fault", list(PREDICT_FAULTS))
@@ -711,9 +769,9 @@ def _garbage_pred(p: Path) -> Path:
     return p / "c1.nii.gz"
 
 
-def _no_pred(p: Path) -> Path:
-    (p / "c1.nii.gz").unlink()
-    return p
+def _orphan_pred(p: Path) -> Path:
+    """A prediction without a reference (a missing prediction is not an error: that case is listed, unscored)."""
+    return _lab(p / "c9.nii.gz")
 
 
 EVAL_FAULTS = {
@@ -729,7 +787,7 @@ EVAL_FAULTS = {
                       "label file has 512 NaN/inf voxels"),
     "4D": (lambda p: _img(p / "c1.nii.gz", shape=(16, 16, 2, 2)), "4D image"),
     "corrupt": (_garbage_pred, "cannot read (truncated or corrupt file"),
-    "missing prediction": (_no_pred, "no prediction for 1 case(s), e.g. c1"),
+    "prediction without reference": (_orphan_pred, "no reference label 'c9' in"),
 }
 
 

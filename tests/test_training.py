@@ -37,8 +37,11 @@ def test_paired_training_writes_everything(breast_dataset, tmp_path):
     trainer = Trainer(cfg)
     summary = trainer.fit()
     run = tmp_path / "run" / "fold_0"
-    for name in ("latest.pt", "best.pt", "log.csv", "progress.png", "config.yaml"):
+    for name in ("latest.pt", "log.csv", "progress.png", "config.yaml"):
         assert (run / name).is_file(), name
+    history = load_checkpoint(run / "latest.pt")["history"]
+    # best.pt exists exactly when some validated epoch was not degenerate (empty/all-foreground everywhere)
+    assert (run / "best.pt").is_file() == any(not h["degenerate"] for h in history)
     assert any((run / "tensorboard").iterdir())
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert len(splits) == 5

@@ -236,12 +236,14 @@ def test_train_flags_refused_with_one_line(flags, tmp_path, capsys, captured_tra
 
 def test_train_flags_accepted(tmp_path, captured_train):
     base = ["train", "--data", "x", "--output", str(tmp_path / "run"), "--set", "folds=3"]
-    assert main([*base, "--fold", "all", "--runs", "2", "--epochs", "3", "--seed", "7"]) == 0
+    assert main([*base, "--fold", "cv", "--runs", "2", "--epochs", "3", "--seed", "7"]) == 0
     assert main([*base, "--fold", "1"]) == 0
-    first, second = captured_train
+    assert main([*base, "--fold", "all"]) == 0  # nnU-Net's meaning: one model on every case
+    first, second, third = captured_train
     assert first["folds"] == [0, 1, 2] and first["runs"] == 2
     assert first["cfg"].epochs == 3 and first["cfg"].seed == 7
     assert second["folds"] == [1] and second["runs"] == 1
+    assert third["folds"] == ["all"]
 
 
 # ------------------------------------------------------------------------------------------ item 20: predict
@@ -268,7 +270,7 @@ def test_predict_options_refused_before_loading_models(flags, tmp_path, capsys, 
 def test_predict_valid_options_reach_model_loading(tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def stop(models, precision):
+    def stop(models, precision, **kwargs):
         seen["precision"] = precision
         raise ConfigError("stopped at load_models")
 

@@ -349,10 +349,12 @@ def test_evaluate_scores_a_case_merely_named_prob(tmp_path, capsys):
     assert code == 0 and err == [], err
     assert "skipped" not in out
     assert _metric_cases(tmp_path / "out") == {"c0", "a_prob_x"}
-    # ... so its missing prediction is an error, not a silently smaller evaluation
+    # ... so its missing prediction is listed as not scored, not a silently smaller evaluation
     (pred / "a_prob_x.nii.gz").unlink()
-    code, _, err = _evaluate(capsys, pred, ref, tmp_path / "out2")
-    assert_refused(code, err, pred, "no prediction for 1 case(s), e.g. a_prob_x")
+    code, out, err = _evaluate(capsys, pred, ref, tmp_path / "out2")
+    assert code == 0 and err == [], err
+    assert "1 reference case(s) have no prediction and are not scored: a_prob_x\n" in out
+    assert _metric_cases(tmp_path / "out2") == {"c0"}
 
 
 @pytest.mark.parametrize("folder", ["pred", "ref"])

@@ -80,10 +80,19 @@ def test_missing_label_file(tmp_path):
     assert "label of training case c1" in problems[0] and "not found" in problems[0]
 
 
+def _resampling_warning(root: Path, bad: Path) -> str:
+    """Without ``strict`` a modality or label on another grid is resampled by train/predict: a warning."""
+    report = verify_dataset(load_dataset(root))
+    assert report.problems == []
+    (warning,) = [w for w in report.warnings if w.startswith(f"{bad}: ")]
+    return warning
+
+
 def test_mismatched_shape(tmp_path):
     root = _dataset(tmp_path / "ds")
     bad = _img(root / "imagesTr" / "c1_0001.nii.gz", shape=(8, 8, 3))
-    (problem,) = _problems(root)
+    assert "will be resampled (linear) onto T1C's grid" in _resampling_warning(root, bad)
+    (problem,) = _problems(root, strict=True)
     assert problem.startswith(f"{bad}: T2W shape (8, 8, 3) differs from T1C")
     assert str(root / "imagesTr" / "c1_0000.nii.gz") in problem and "(8, 8, 2)" in problem
 
@@ -91,26 +100,28 @@ def test_mismatched_shape(tmp_path):
 def test_mismatched_spacing(tmp_path):
     root = _dataset(tmp_path / "ds")
     bad = _img(root / "imagesTr" / "c2_0001.nii.gz", affine=np.diag([0.8, 0.8, 3.5, 1.0]))
-    (problem,) = _problems(root)
+    assert "spacing 0.8x0.8x3.5 -> 0.8x0.8x3 mm" in _resampling_warning(root, bad)
+    (problem,) = _problems(root, strict=True)
     assert problem.startswith(f"{bad}: T2W spacing (0.8, 0.8, 3.5) differs from T1C")
     assert "(0.8, 0.8, 3)" in problem
     # within the relative tolerance: no problem
     _img(bad, affine=np.diag([0.8, 0.8, 3.0 * (1 + 1e-4), 1.0]))
-    assert _problems(root) == []
+    assert _problems(root, strict=True) == []
 
 
 def test_mismatched_orientation(tmp_path):
     root = _dataset(tmp_path / "ds")
     flipped = np.diag([-0.8, 0.8, 3.0, 1.0])  # same spacing, L-R flipped
     bad = _img(root / "imagesTr" / "c3_0001.nii.gz", affine=flipped)
-    (problem,) = _problems(root)
+    assert "orientation LAS -> RAS" in _resampling_warning(root, bad)
+    (problem,) = _problems(root, strict=True)
     assert problem.startswith(f"{bad}: T2W orientation LAS differs from T1C")
     assert "RAS (direction cosines differ by up to 2)" in problem
     # a small oblique tilt (same axis codes) is reported with the cosines
     tilt = np.eye(4)
     tilt[:3, :3] = np.array([[1, 0, 0], [0, np.cos(0.05), -np.sin(0.05)], [0, np.sin(0.05), np.cos(0.05)]])
     _img(bad, affine=tilt @ AFF)
-    (problem,) = _problems(root)
+    (problem,) = _problems(root, strict=True)
     assert "T2W orientation (1, 0, 0, 0, 0.9988" in problem and "RAS" not in problem
 
 
@@ -136,7 +147,8 @@ def test_unknown_label_value(tmp_path):
 def test_label_image_shape_and_spacing_mismatch(tmp_path):
     root = _dataset(tmp_path / "ds")
     bad = _lab(root / "labelsTr" / "c1.nii.gz", shape=(8, 7, 2), affine=np.diag([1.0, 0.8, 3.0, 1.0]))
-    problems = _problems(root)
+    assert "will be resampled (nearest neighbour) onto the image's grid" in _resampling_warning(root, bad)
+    problems = _problems(root, strict=True)
     assert len(problems) == 2
     assert problems[0].startswith(f"{bad}: label shape (8, 7, 2) differs from image")
     assert problems[1].startswith(f"{bad}: label spacing (1, 0.8, 3) differs from image")

@@ -58,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:
+        # `modalseg ... | head`: the reader left. Python's advice: point stdout at devnull so that the flush at
+        # exit does not raise again, and exit quietly (as other command-line tools do).
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
     except ModalsegError as err:
         print(f"modalseg {args.command}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -13,17 +13,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", nargs="+", required=True,
                    help="checkpoint file(s), fold folder(s) or a run folder (all folds are ensembled)")
     p.add_argument("--input", nargs="+", required=True,
-                   help="a folder of CASE_0000.nii.gz-style files, a folder of <modality>.nii.gz files, "
-                        "or the files of one case in modality order")
+                   help="a folder of CASE_0000.nii.gz-style files or of 4D files (one per case, channels = "
+                        "modalities); a folder of <modality>.nii.gz files or <modality>/ DICOM series folders (one "
+                        "case); a folder of such case folders; a folder of DICOM series; or the files / DICOM folders "
+                        "of one case (ordered by the modality names or _NNNN indices in their names, else as given)")
     p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--strict-geometry", action="store_true",
+                   help="refuse modalities on another grid than the first (default: resample onto it, one line)")
+    p.add_argument("--checkpoint", default="best", choices=("best", "latest"),
+                   help="best: best.pt by validation (latest.pt where a fold has none); latest: the final weights")
     p.add_argument("--modality", help="unpaired models: which modality the input is")
-    p.add_argument("--probabilities", action="store_true", help="also write CASE_prob_<class>.nii.gz")
+    p.add_argument("--probabilities", action="store_true", help="also write CASE_prob_<class><file ending>")
     # No argparse `type=`/`choices=`: their errors print usage on a second line; `run` checks these (one line).
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--batch-size", default=8,
                    help="slices per forward pass (default 8: fastest measured on 2 CPU cores at 256x256)")
-    p.add_argument("--file-ending", default=".nii.gz", help="output format: .nii.gz, .nii, .nrrd or .mha")
+    p.add_argument("--file-ending", default=None,
+                   help="output format: .nii.gz, .nii, .nrrd or .mha (default: the input's format; .nii.gz for DICOM)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         check_outputs_spare_inputs,
         find_cases,
         load_models,
+        output_ending,
         output_paths,
         predict_case,
         write_prediction,
@@ -46,24 +54,35 @@ def run(args: argparse.Namespace) -> int:
     check_option("precision", args.precision, label="--precision")
     args.batch_size = cli_int("--batch-size", args.batch_size, minimum=1)
     check_output_folder(args.output)  # fail before loading models or reading any volume
-    if not is_supported(f"x{args.file_ending}"):
+    if args.file_ending is not None and not is_supported(f"x{args.file_ending}"):
         raise OutputError(f"--file-ending {args.file_ending!r} is not a supported output format "
                           "(.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd)")
-    precision = resolve_precision(resolve_device(args.device), args.precision)
-    models = load_models(args.model, precision)
+    device = resolve_device(args.device)
+    requested = None if args.precision == "auto" else resolve_precision(device, args.precision)
+    models = load_models(args.model, requested, device=device, batch_size=args.batch_size, which=args.checkpoint)
+    precision = models[0].precision
     meta = models[0].meta
     cases = find_cases(args.input, meta)
     out = Path(args.output)
     # Every output name is checked before anything is written: none may replace an input or another case's output.
-    planned = {case: output_paths(out, case, list(meta.labels) if args.probabilities else None, args.file_ending)
+    endings = {case: output_ending(files, args.file_ending) for case, files in cases.items()}
+    planned = {case: output_paths(out, case, list(meta.labels) if args.probabilities else None, endings[case])
                for case in cases}
     check_outputs_spare_inputs(planned, cases)
-    print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {precision.name} on {precision.device}")
+    print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {precision.label} on {precision.device}")
+    for m in models:
+        print(f"  checkpoint {m.describe()}")
+    t_start = time.perf_counter()
     for case, files in cases.items():
         t0 = time.perf_counter()
         labels, probs, ref = predict_case(models, files, precision, modality=args.modality,
+                                          strict=args.strict_geometry, case=case,
                                           batch_size=args.batch_size)
         written = write_prediction(out, case, labels, probs if args.probabilities else None, ref,
-                                   list(meta.labels), args.file_ending)
+                                   list(meta.labels), endings[case])
         print(f"{case}: {written[0]} ({time.perf_counter() - t0:.1f} s)")
+    total = time.perf_counter() - t_start
+    used = ", ".join(sorted({m.path.name for m in models}))
+    print(f"done: {len(cases)} case(s) written to {out} in {total:.1f} s ({total / max(len(cases), 1):.1f} s per "
+          f"case) with {len(models)} checkpoint(s) ({used})")
     return 0

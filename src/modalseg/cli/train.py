@@ -19,7 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="output folder (overrides the config)")
     p.add_argument("--model", help="model name (paired) or backbone (unpaired)")
     p.add_argument("--setting", help="unpaired: single | joint | msbn | ummkd | affinity | csa")
-    p.add_argument("--fold", default=None, help="fold to train (0-based integer) or 'all'")
+    p.add_argument("--fold", default=None,
+                   help="fold to train: 0-based integer, 'cv' (every fold) or 'all' (one model on every case, "
+                        "no validation, as nnU-Net's -f all)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON (for scripts) instead of a summary")
     p.add_argument("--seed", default=None, help="seed (weights, dropout, batch order)")
     p.add_argument("--runs", default="1", help="repeated runs (>= 1) with seeds seed, seed+1, ... (output/run_R)")
     p.add_argument("--epochs", default=None, help="number of epochs (>= 1)")
@@ -27,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous training in the output folder (default: refuse)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any option, VALUE parsed as YAML (e.g. --set model_options={base_width:8})")
+                   help="override any option, VALUE parsed as YAML, e.g. --set 'model_options={base_width: 8}' "
+                        "(YAML needs the space after the colon)")
     p.add_argument("--help-config", action="store_true", help="list every option with its type, default and meaning")
 
 
@@ -69,13 +73,17 @@ def collect_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def _parse_fold(text: object, folds: int) -> list[int]:
-    """``--fold K`` (0 <= K < folds) or ``--fold all``."""
+def _parse_fold(text: object, folds: int) -> list[int | str]:
+    """``--fold K`` (0 <= K < folds), ``--fold cv`` (every fold) or ``--fold all`` (nnU-Net's meaning: one model
+    trained on every case, no validation). Until this release ``all`` meant ``cv``; the rename follows nnU-Net."""
     from modalseg.errors import ConfigError
 
-    if isinstance(text, str) and text.strip() == "all":
+    if isinstance(text, str) and text.strip() == "cv":
         return list(range(folds))
-    problem = ConfigError(f"--fold: expected an integer in 0..{folds - 1} or 'all', got {text!r}")
+    if isinstance(text, str) and text.strip() == "all":
+        return ["all"]
+    problem = ConfigError(f"--fold: expected an integer in 0..{folds - 1}, 'cv' (every fold) or 'all' (one model "
+                          f"on all cases), got {text!r}")
     try:
         fold = _cli_value("fold", text, "--fold")
     except ConfigError:
@@ -106,13 +114,37 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(cfg.output)  # before any cache is built or any checkpoint is due
     if cfg.cache_dir:
         check_output_folder(cfg.cache_dir)
-    results = train_many(cfg, folds=folds, runs=runs, resume=args.resume, overwrite=args.overwrite)
+    results = train_many(cfg, folds=folds, runs=runs, resume=args.resume, overwrite=args.overwrite,
+                         console=not args.json)
     if os.environ.get("RANK", "0") == "0":  # torchrun: only the main process reports
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2) if args.json else summary_text(results))
     return 0
 
 
-def train_many(cfg, *, folds: list[int], runs: int = 1, resume: bool = False, overwrite: bool = False) -> list[dict]:
+def summary_text(results: list[dict]) -> str:
+    """What a person reads at the end: per fold, where the best checkpoint is, its epoch and score, wall time."""
+    lines = ["", "training finished:"]
+    for r in results:
+        where = Path(r["run_dir"])
+        best = r.get("best_epoch")
+        score = r.get("best_val_dice")
+        scope = r.get("val_scope", "validation")
+        if best is not None and score is not None and score == score:
+            chosen = f"best.pt = epoch {best}, {scope} Dice {score:.4f}"
+        else:
+            chosen = "no best.pt (no usable validation): use latest.pt"
+        lines.append(f"  run {r['run']} fold {r['fold']}: {where} - {chosen}; {r['epochs']} epochs, "
+                     f"{r['steps']} steps in {r.get('wall_s', float('nan')):.0f} s")
+        for row in r.get("validation") or []:
+            lines.append(f"      {row['class_name']}: per-patient Dice {row['dice_mean']:.4f}, "
+                         f"HD95 {row['hd95_mean']:.2f} mm")
+    return "\n".join(lines)
+
+
+def train_many(
+    cfg, *, folds: list[int | str], runs: int = 1, resume: bool = False, overwrite: bool = False,
+    console: bool = True,
+) -> list[dict]:
     """Train ``runs`` x ``folds`` (seed + r for run r) and evaluate each on its validation patients.
 
     ``resume``: folds with a ``latest.pt`` continue from it; folds that never started (no files at all) start
@@ -137,12 +169,13 @@ def train_many(cfg, *, folds: list[int], runs: int = 1, resume: bool = False, ov
         raise ConfigError("nothing to resume: no latest.pt found (start without --resume)", where)
     results = []
     for r, k, out, found in plan:
-        run_cfg = dataclasses.replace(cfg, fold=k, seed=cfg.seed + r, output=str(out))
+        run_cfg = dataclasses.replace(cfg, fold=0 if k == "all" else k, train_all=k == "all", seed=cfg.seed + r,
+                                      output=str(out))
         run_cfg.validate()
         fold_resume = resume and "latest.pt" in found
-        if resume and not found and os.environ.get("RANK", "0") == "0":
+        if resume and not found and console and os.environ.get("RANK", "0") == "0":
             print(f"{out / f'fold_{k}'}: no checkpoint to resume, starting this fold", flush=True)
-        trainer = Trainer(run_cfg, resume=fold_resume, overwrite=overwrite and not fold_resume)
+        trainer = Trainer(run_cfg, resume=fold_resume, overwrite=overwrite and not fold_resume, console=console)
         summary = trainer.fit()
         if trainer.dist.is_main:
             summary.update(evaluate_trainer(trainer))

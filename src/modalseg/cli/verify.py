@@ -13,6 +13,9 @@ HELP = "Check a dataset: files present and readable, geometry consistent, label 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", metavar="DATASET", help="dataset folder")
+    parser.add_argument("--strict-geometry", action="store_true",
+                        help="report modalities or labels on another grid as problems (default: warnings, since "
+                             "train and predict resample them onto the master image's grid)")
     parser.add_argument(
         "--layout",
         default="auto",
@@ -33,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = load_dataset(args.dataset, args.layout, split=args.split)
-    report = verify_dataset(spec, max_anisotropy=args.max_anisotropy)
+    report = verify_dataset(spec, max_anisotropy=args.max_anisotropy, strict=args.strict_geometry)
     print(f"dataset: {spec.name} ({spec.layout} layout, {args.split} split) at {spec.root}")
     for line in report.summary_lines():
         print(line)

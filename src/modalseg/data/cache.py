@@ -53,7 +53,9 @@ from modalseg.utils.atomic import atomic_write_text, folder_mode
 log = logging.getLogger(__name__)
 
 # 2: label/image origins and degenerate grids are checked while building (caches of format 1 were not).
-CACHE_FORMAT = 2
+# 3: every volume is brought to the canonical (closest to RAS) voxel order and assistants/labels onto the master's
+#    grid before slicing (format 2 sliced in each file's stored order).
+CACHE_FORMAT = 3
 _IMAGES, _LABELS, _INDEX = "images.npy", "labels.npy", "index.json"
 
 
@@ -68,10 +70,13 @@ def _file_identity(path: Path) -> list[Any]:
     return [str(Path(path).resolve()), int(st.st_size), int(st.st_mtime_ns)]
 
 
-def cache_fingerprint(spec: DatasetSpec, cfg: PreprocessConfig, cases: Sequence[CaseFiles]) -> str:
+def cache_fingerprint(
+    spec: DatasetSpec, cfg: PreprocessConfig, cases: Sequence[CaseFiles], strict: bool = False
+) -> str:
     """SHA-256 of the config, the label/modality definitions and (path, size, mtime_ns) of every file."""
     payload = {
         "format": CACHE_FORMAT,
+        "strict_geometry": bool(strict),
         "config": cfg.to_dict(),
         "spec": spec.name,
         "paired": spec.paired,
@@ -241,6 +246,7 @@ def build_slice_cache(
     *,
     cases: list[str] | None = None,
     progress: bool = False,
+    strict: bool = False,
 ) -> SliceCache:
     """Return the slice cache of ``cases`` (default: all) of ``spec`` under ``cfg``, building it if needed.
 
@@ -252,7 +258,7 @@ def build_slice_cache(
         raise DataError(f"no cases to cache in dataset {spec.name!r}", spec.root)
     if spec.num_classes > 256:
         raise ConfigError(f"{spec.num_classes} classes do not fit the cache's uint8 labels")
-    fingerprint = cache_fingerprint(spec, cfg, selected)
+    fingerprint = cache_fingerprint(spec, cfg, selected, strict)
     root = Path(cache_dir)
     final = root / fingerprint[:16]
     existing = _open_existing(final, fingerprint)
@@ -271,7 +277,7 @@ def build_slice_cache(
     except OSError as exc:
         raise OutputError(f"cannot write the slice cache ({exc.strerror or exc})", root) from None
     try:
-        _build_into(tmp, spec, cfg, selected, fingerprint, progress)
+        _build_into(tmp, spec, cfg, selected, fingerprint, progress, strict)
         if final.exists():  # invalid leftover (checked above) or a concurrent builder's finished cache
             if _open_existing(final, fingerprint) is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -341,9 +347,18 @@ def _fsync_file(path: Path) -> None:
 
 
 def _read_case(
-    spec: DatasetSpec, case: CaseFiles, lut: dict[int, int]
+    spec: DatasetSpec, case: CaseFiles, lut: dict[int, int], *, strict: bool = False, notes: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], list[int]]:
-    """Read one case: (M,X,Y,Z) float32 images, (X,Y,Z) class indices, spacing, normalisation channels."""
+    """Read one case: (M,X,Y,Z) float32 images, (X,Y,Z) class indices, spacing, normalisation channels.
+
+    Arrays and spacing are in the canonical voxel order (closest to RAS, :func:`modalseg.data.geometry.to_canonical`),
+    so ``slice_axis`` is the same anatomical axis for every file. Assistant modalities and the label are put on the
+    master (first) image's grid first (:func:`modalseg.data.geometry.onto_grid`); each such case adds one line to
+    ``notes`` (printed when ``notes`` is None). ``strict`` refuses any grid difference instead, as before.
+    """
+    from modalseg.data.geometry import onto_grid, to_canonical
+    from modalseg.data.verify import ORIGIN_TOL_VOXELS
+
     if case.label is None:
         raise DataError(
             f"case {case.case_id!r} has no label file; the training slice cache needs labels", spec.root
@@ -363,35 +378,53 @@ def _read_case(
             raise DataError(f"modality {case.modality!r} is not one of {spec.modalities}", case.images[0])
         channels = [spec.modalities.index(case.modality)]
     # The cache is the only place training reads files, so it refuses what `modalseg verify` calls a problem
-    # (geometry mismatch, NaN/inf, constant image) instead of training silently on garbage.
+    # (NaN/inf, constant image, grids that cannot be aligned) instead of training silently on garbage.
     names = list(spec.modalities) if spec.paired else [str(case.modality)]
+    messages: list[str] = []
     arrays = []
-    spacing: tuple[float, ...] = ()
     ref = None
     for i, p in enumerate(case.images):
         vol = mio.read_volume(p, kind="image")
         problems = []
         if i == 0:
-            spacing, ref = vol.spacing, vol
-        else:
-            if vol.shape != arrays[0].shape:
-                raise DataError(f"shape {vol.shape} differs from modality 0 {arrays[0].shape}", p)
+            ref = vol
+        elif strict:
+            if vol.shape != ref.shape:
+                raise DataError(f"shape {vol.shape} differs from modality 0 {ref.shape}", p)
             problems += geometry_problems(vol, ref, names[i], names[0])
         problems += intensity_problems(vol)
         if problems:
             raise DataError(problems[0])
+        if i and not strict:
+            vol, note = onto_grid(vol, ref, name=names[i], ref_name=names[0], case=case.case_id)
+            if note:
+                messages.append(note)
         arrays.append(np.asarray(vol.array, dtype=np.float32))
+    assert ref is not None
     lab = mio.read_volume(case.label, kind="label")
-    if lab.shape != arrays[0].shape:
-        raise DataError(f"label shape {lab.shape} differs from image shape {arrays[0].shape}", case.label)
-    # A label must lie on its image's grid: its origin is checked too, as `modalseg verify` does.
-    from modalseg.data.verify import ORIGIN_TOL_VOXELS
-
-    problems = geometry_problems(lab, ref, "label", "image", origin_tol_voxels=ORIGIN_TOL_VOXELS)
-    if problems:
-        raise DataError(problems[0])
+    if strict:
+        if lab.shape != ref.shape:
+            raise DataError(f"label shape {lab.shape} differs from image shape {ref.shape}", case.label)
+        # A label must lie on its image's grid: its origin is checked too, as `modalseg verify` does.
+        problems = geometry_problems(lab, ref, "label", "image", origin_tol_voxels=ORIGIN_TOL_VOXELS)
+        if problems:
+            raise DataError(problems[0])
+    else:
+        # Same grid: the origin must match (else the label is off its image); another grid is resampled
+        # (nearest) with background outside, e.g. a 3D Slicer .seg.nrrd cropped to its bounding box.
+        background = next(iter(spec.labels.values()), 0)
+        lab, note = onto_grid(lab, ref, name="label", ref_name="image", grid_name="the image's", kind="label",
+                              case=case.case_id, fill=background, origin_tol_voxels=ORIGIN_TOL_VOXELS)
+        if note:
+            messages.append(note)
     labels = map_labels(lab.array, lut, case.label)
-    return np.stack(arrays), labels, spacing, channels
+    canonical, reo = to_canonical(ref)
+    for note in messages:
+        if notes is None:
+            print(note, flush=True)
+        else:
+            notes.append(note)
+    return reo.apply(np.stack(arrays)), reo.apply(labels), canonical.spacing, channels
 
 
 def _build_into(
@@ -401,6 +434,7 @@ def _build_into(
     cases: list[CaseFiles],
     fingerprint: str,
     progress: bool,
+    strict: bool = False,
 ) -> None:
     lut = spec.label_lut()
     records: list[dict[str, Any]] = []
@@ -412,7 +446,15 @@ def _build_into(
 
         iterator = tqdm(cases, desc=f"caching {spec.name}", unit="case")
     for n, case in enumerate(iterator):
-        images, labels, spacing, channels = _read_case(spec, case, lut)
+        notes: list[str] = []
+        images, labels, spacing, channels = _read_case(spec, case, lut, strict=strict, notes=notes)
+        for note in notes:  # resampling/reorientation lines, printed above the progress bar
+            if progress:
+                from tqdm import tqdm
+
+                tqdm.write(note)
+            else:
+                print(note, flush=True)
         if len(spacing) != 3:
             raise DataError(f"expected a 3D volume, got spacing {spacing}", case.images[0])
         slices = preprocess_volume(images, labels, cfg, spacing=spacing, channels=channels)

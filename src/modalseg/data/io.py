@@ -17,9 +17,21 @@ int32 and rejects files whose values are not integers. A file whose geometry is 
 sheared grid, i.e. voxel axes that are not orthogonal (|cosine| between two axes above
 :data:`ORTHOGONALITY_TOL`). Oblique but orthogonal grids are ordinary scanner data and are accepted.
 nibabel's header fix-up messages (``logging``) and warnings are silenced while reading, so that a refused
-file gives one line and an accepted one none. 2D files become one slice ``(X, Y, 1)``;
-trailing singleton dimensions beyond the third are squeezed; real 4D data is an error, because every
-consumer of this module expects one 3D volume per file (one file per modality, as in nnU-Net).
+file gives one line and an accepted one none. 2D files become one slice ``(X, Y, 1)`` and remember it
+(``meta["ndim"] == 2``), so that :func:`write_volume` writes a result of a 2D input as a 2D file again; trailing
+singleton dimensions beyond the third are squeezed.
+
+Every consumer expects one 3D volume per image, so two more kinds of input are named by the path itself:
+
+* **4D files** (Decathlon / BraTS: ``X x Y x Z x C``, one channel per modality): an :class:`ImageRef` (a ``Path``
+  with ``channel=k``) or ``read_volume(path, channel=k)`` reads channel ``k``; a 4D file read without a channel
+  is an error, as before.
+* **DICOM series**: a folder holding a series is read with SimpleITK's GDCM series reader (slices sorted by
+  position, geometry from ImagePositionPatient / ImageOrientationPatient, LPS -> RAS as for NRRD); ``meta`` is
+  ITK-style, so results are written as NIfTI (the default for DICOM inputs, :func:`output_ending_for`) or NRRD
+  with the series' geometry. Several series in one folder: the one whose SeriesDescription contains the wanted
+  modality (``ImageRef(series=...)``, else the folder's name) is read; otherwise the folder is refused with a
+  line listing its series. Unevenly spaced or duplicate slice positions are refused (a missing slice).
 """
 
 from __future__ import annotations
@@ -31,7 +43,8 @@ import re
 import shutil
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +87,233 @@ def strip_extension(name: str | Path) -> str:
 
 
 def is_supported(path: str | Path) -> bool:
-    """Whether ``path`` has one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive)."""
+    """Whether ``path`` has one of :data:`SUPPORTED_EXTENSIONS` (case-insensitive). A pure name check: a DICOM
+    series is a folder, see :func:`is_dicom_series`."""
     return _extension(path) is not None
+
+
+def output_ending_for(path: str | Path) -> str:
+    """The file ending a result of input ``path`` is written with by default: the input's own format (``.nrrd``
+    gives ``.nrrd``), and ``.nii.gz`` for a DICOM series (modalseg writes no DICOM) or anything else."""
+    ext = _extension(path)
+    return ext if ext is not None and not Path(path).is_dir() else ".nii.gz"
+
+
+class ImageRef(type(Path())):  # type: ignore[misc]
+    """A path plus which image inside it: channel ``k`` of a 4D file, or the DICOM series of a modality when one
+    folder holds several. It is a ``Path`` so that code which only lists, stats or names input files (verify,
+    the slice cache's fingerprint, predict's output checks) needs no change; :func:`read_volume` reads the part it
+    names. Paths derived from it (``parent``, ``resolve()``) and ``Path(ref)`` carry no channel or series."""
+
+    channel: int | None = None
+    series: str | None = None
+
+    @classmethod
+    def make(cls, path: str | Path, *, channel: int | None = None, series: str | None = None) -> ImageRef:
+        ref = cls(os.fspath(path))
+        ref.channel = None if channel is None else int(channel)
+        ref.series = series
+        return ref
+
+    def __reduce__(self):  # keep channel/series through pickling (worker processes)
+        return (_image_ref, (os.fspath(self), self.channel, self.series))
+
+    def __repr__(self) -> str:
+        parts = (("channel", self.channel), ("series", self.series))
+        extra = "".join(f", {k}={v!r}" for k, v in parts if v is not None)
+        return f"ImageRef({os.fspath(self)!r}{extra})"
+
+    def describe(self) -> str:
+        """``file.nii.gz (channel 2)``: for messages (``str(ref)`` stays the plain path)."""
+        if self.channel is not None:
+            return f"{os.fspath(self)} (channel {self.channel})"
+        return f"{os.fspath(self)} (series {self.series!r})" if self.series else os.fspath(self)
+
+
+def _image_ref(path: str, channel: int | None, series: str | None) -> ImageRef:
+    return ImageRef.make(path, channel=channel, series=series)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DICOM series
+# ----------------------------------------------------------------------------------------------------
+
+_DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file ('DICM' at byte 128) or one named ``*.dcm``/``*.ima``."""
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_series(path: str | Path) -> bool:
+    """Whether ``path`` is a folder that directly holds DICOM files (what :func:`read_volume` reads as a series)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    try:
+        return any(
+            not f.name.startswith(".") and f.is_file() and _is_dicom_file(f) for f in sorted(folder.iterdir())
+        )
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series of a DICOM folder: SeriesInstanceUID, SeriesDescription ('' if absent), files by slice position."""
+
+    uid: str
+    description: str
+    files: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """ITK/GDCM warnings go straight to stderr; problems that matter are raised as :class:`DataError`."""
+    import SimpleITK as sitk
+
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+
+
+def _dicom_tag(file: str, tag: str) -> str:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+        return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+    except (RuntimeError, UnicodeDecodeError):
+        return ""
+
+
+def dicom_series(folder: str | Path) -> list[DicomSeries]:
+    """The DICOM series directly in ``folder``, largest first (GDCM groups files by SeriesInstanceUID and sorts each
+    series by slice position). Raises :class:`DataError` when GDCM cannot scan the folder."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    try:
+        with _quiet_itk():
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+            out = []
+            for uid in ids:
+                files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+                if files:
+                    out.append(DicomSeries(uid, _dicom_tag(files[0], "0008|103e"), files))
+    except RuntimeError as exc:
+        raise _corrupt(folder, _itk_message(exc)) from None
+    # GDCM's order follows the UIDs; messages list the largest series first, then by description
+    return sorted(out, key=lambda s: (-len(s.files), s.description.casefold(), s.uid))
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", text.casefold())
+
+
+def _describes(description: str, modality: str) -> bool:
+    """SeriesDescription names the modality: case-insensitive substring, spaces and punctuation ignored."""
+    want = _squash(modality)
+    return bool(want) and want in _squash(description)
+
+
+def _series_listing(series: Sequence[DicomSeries]) -> str:
+    return ", ".join(
+        f"{s.description or '(no description)'!r} ({len(s.files)}{' files' if i == 0 else ''})"
+        for i, s in enumerate(series)
+    )
+
+
+def choose_series(folder: Path, series: Sequence[DicomSeries], want: str | None) -> DicomSeries:
+    """The series to read: the only one, else the one whose description names ``want`` (a modality, or the folder's
+    name); a tie is broken by a description whose words are exactly ``want``'s. Refused with the list otherwise."""
+    if not series:
+        raise DataError("no DICOM series that GDCM can read in this folder", folder)
+    if len(series) == 1:
+        return series[0]
+    matches = [s for s in series if want and _describes(s.description, want)]
+    if len(matches) > 1:
+        words = re.split(r"[^0-9a-z]+", (want or "").casefold())
+        exact = [s for s in matches if re.split(r"[^0-9a-z]+", s.description.casefold()) == words]
+        matches = exact if len(exact) == 1 else matches
+    if len(matches) == 1:
+        return matches[0]
+    why = ""
+    if want:
+        why = f"; {len(matches)} are described as {want!r}" if matches else f"; none is described as {want!r}"
+    raise DataError(
+        f"{len(series)} DICOM series in one folder: {_series_listing(series)}{why}; put one series per folder or "
+        "name the folder after the modality",
+        folder,
+    )
+
+
+def _read_dicom(folder: Path, want: str | None) -> tuple[np.ndarray, np.ndarray, dict]:
+    import SimpleITK as sitk
+
+    series = dicom_series(folder)
+    try:
+        chosen = choose_series(folder, series, want or folder.name)
+    except DataError as first:
+        if not want or _squash(want) == _squash(folder.name):
+            raise
+        try:  # the modality's name describes no series uniquely: the folder's own name may (``t1_post/``)
+            chosen = choose_series(folder, series, folder.name)
+        except DataError:
+            raise first from None
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen.files))
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        with _quiet_itk():
+            img = reader.Execute()
+            data = sitk.GetArrayFromImage(img)
+    except RuntimeError as exc:
+        raise _corrupt(folder, _itk_message(exc)) from None
+    _check_slice_positions(folder, reader, chosen, img)
+    data, affine, meta = _from_sitk(img, data, folder)
+    meta.update(source="dicom", series=chosen.description)
+    return data, affine, meta
+
+
+def _check_slice_positions(folder: Path, reader, chosen: DicomSeries, img) -> None:
+    """Refuse slices that are not evenly spaced along the slice normal: ITK takes the spacing from the first two
+    positions, so a missing or duplicated slice would silently give a wrong geometry."""
+    n = len(chosen.files)
+    if n < 3:
+        return
+    try:
+        positions = np.array(
+            [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)], dtype=np.float64
+        )
+    except (RuntimeError, ValueError):
+        return  # no ImagePositionPatient: nothing to check against
+    if positions.shape != (n, 3):
+        return
+    normal = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    gaps = np.diff(positions @ normal)
+    mean = float(np.mean(gaps))
+    worst = int(np.argmax(np.abs(gaps - mean)))
+    if abs(mean) < 1e-6 or abs(float(gaps[worst]) - mean) > 0.01 * abs(mean):
+        a, b = Path(chosen.files[worst]).name, Path(chosen.files[worst + 1]).name
+        raise DataError(
+            f"DICOM series {chosen.description!r}: slices are not evenly spaced ({abs(float(gaps[worst])):.4g} mm "
+            f"between {a} and {b}, {abs(mean):.4g} mm on average; a missing or duplicate slice?)",
+            folder,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,34 +321,116 @@ def is_supported(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def read_volume(path: str | Path, *, kind: str = "image") -> Volume:
+def read_volume(
+    path: str | Path, *, kind: str = "image", channel: int | None = None, series: str | None = None
+) -> Volume:
     """Read one 3D volume (``kind`` "image" -> float32, "label" -> int32) with its RAS affine.
 
-    Raises :class:`DataError` (one line naming the file) for a missing, unsupported, corrupt, empty,
-    4D or, for labels, non-integer file.
+    ``path`` is an image file, a folder holding a DICOM series, or an :class:`ImageRef`; ``channel`` (default: the
+    ref's) reads one channel of a 4D file, ``series`` (default: the ref's, else the folder name) picks the DICOM
+    series by its description. Raises :class:`DataError` (one line naming the file) for a missing, unsupported,
+    corrupt, empty, 4D (without a channel) or, for labels, non-integer file.
     """
     if kind not in ("image", "label"):
         raise ValueError(f"kind must be 'image' or 'label', not {kind!r}")
+    if channel is None:
+        channel = getattr(path, "channel", None)
+    if series is None:
+        series = getattr(path, "series", None)
     path = Path(path)
     ext = _extension(path)
-    if ext is None:
-        raise DataError(f"unsupported file type (supported: {', '.join(SUPPORTED_EXTENSIONS)})", path)
-    if not path.exists():
+    if path.is_dir():
+        if not is_dicom_series(path):
+            raise DataError(
+                "a folder with no DICOM files in it (an image is a file, or a folder holding one DICOM series)", path
+            )
+        if channel is not None:
+            raise DataError(f"a DICOM series has one channel; channel {channel} requested", path)
+        data, affine, meta = _read_dicom(path, series)
+        selected = False
+    elif ext is None:
+        if path.is_file() and _is_dicom_file(path):
+            raise DataError(
+                "unsupported file type: one DICOM file; give the folder holding its series (supported: "
+                f"{', '.join(SUPPORTED_EXTENSIONS)}, or a folder holding a DICOM series)",
+                path,
+            )
+        if not path.exists() and not path.suffix:
+            raise DataError("not found (no image file or DICOM folder of that name)", path)
+        raise DataError(
+            f"unsupported file type (supported: {', '.join(SUPPORTED_EXTENSIONS)}, or a folder holding a DICOM "
+            "series)",
+            path,
+        )
+    elif not path.exists():
         raise DataError("file not found", path)
-    if not path.is_file():
+    elif not path.is_file():
         raise DataError("not a file", path)
-    if ext in NIFTI_EXTENSIONS:
-        data, affine, meta = _read_nifti(path, kind)
+    elif ext in NIFTI_EXTENSIONS:
+        data, affine, meta, selected = _read_nifti(path, kind, channel)
     else:
         data, affine, meta = _read_itk(path)
-    data = _to_3d(data, path)
+        selected = False
+    ndim = data.ndim
+    if channel is not None and not selected:
+        data = _select_channel(data, channel, path)
+    elif channel is None:
+        data = _to_3d(data, path)
     if data.size == 0:
         raise DataError(f"zero-size volume (shape {tuple(data.shape)})", path)
     array = _convert(data, kind, path)
     problem = affine_problem(affine)
     if problem:
         raise DataError(problem, path)
+    meta["ndim"] = 2 if ndim == 2 else 3
+    if channel is not None:
+        meta["channel"] = int(channel)
     return Volume(array=array, affine=affine, path=path, meta=meta)
+
+
+def header_shape(path: str | Path) -> tuple[int, ...] | None:
+    """An image file's voxel grid read from its header only (trailing singleton dimensions beyond the third
+    dropped), e.g. ``(240, 240, 155, 4)`` for a BraTS file; ``None`` for a folder or a file whose header cannot be
+    read (:func:`read_volume` then says why)."""
+    path = Path(path)
+    ext = _extension(path)
+    if ext is None or not path.is_file():
+        return None
+    try:
+        if ext in NIFTI_EXTENSIONS:
+            import nibabel as nib
+
+            with _quiet_nibabel():
+                shape = tuple(int(v) for v in nib.load(str(path)).shape)
+        else:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            with _quiet_itk():
+                reader.ReadImageInformation()
+            shape = tuple(int(v) for v in reader.GetSize())
+    except Exception:  # noqa: BLE001 - only a hint; read_volume reports the real problem
+        return None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _select_channel(data: np.ndarray, channel: int, path: Path) -> np.ndarray:
+    """Channel ``channel`` of a 4D ``(X, Y, Z, C)`` array; refuses a 2D/3D file or a missing channel."""
+    shape = tuple(data.shape)
+    while data.ndim > 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 4:
+        raise DataError(
+            f"{len(shape)}D image (shape {shape}) where a 4D file with one channel per modality is expected "
+            f"(channel {channel} requested)",
+            path,
+        )
+    if not 0 <= channel < data.shape[3]:
+        raise DataError(f"4D image (shape {shape}) has {data.shape[3]} channel(s); channel {channel} requested", path)
+    return np.ascontiguousarray(data[..., channel])
 
 
 def affine_problem(affine: np.ndarray, tol: float = ORTHOGONALITY_TOL) -> str | None:
@@ -170,18 +490,25 @@ def _corrupt(path: Path, exc: BaseException) -> DataError:
     return DataError(f"cannot read (truncated or corrupt file: {detail})", path)
 
 
-def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def _read_nifti(path: Path, kind: str, channel: int | None = None) -> tuple[np.ndarray, np.ndarray, dict, bool]:
+    """(data, affine, meta, whether ``channel`` was already selected). One channel of a 4D file is read through
+    nibabel's array proxy, so the other channels are never converted."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
+    selected = False
     try:
         with _quiet_nibabel():
             img = nib.load(str(path))
             if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
                 raise DataError(f"not a NIfTI file ({type(img).__name__})", path)
             _check_pixdim(path, type(img.header))
-            data, affine, header = _nifti_contents(img, kind, path)
+            if channel is not None and len(img.shape) == 4 and 0 <= channel < img.shape[3]:
+                data = np.asanyarray(img.dataobj[..., channel])  # scl_slope/scl_inter applied
+                affine, header, selected = np.asarray(img.affine, dtype=np.float64), img.header.copy(), True
+            else:
+                data, affine, header = _nifti_contents(img, kind, path)
     except DataError:
         raise
     except (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError) as exc:
@@ -194,7 +521,7 @@ def _read_nifti(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray, dict]:
     qform_code = int(header["qform_code"])
     sform_code = int(header["sform_code"])
     meta = {"format": "nifti", "header": header, "qform_code": qform_code, "sform_code": sform_code}
-    return data, affine, meta
+    return data, affine, meta, selected
 
 
 def _check_pixdim(path: Path, header_class) -> None:
@@ -246,11 +573,10 @@ def _fdata(img, path: Path) -> np.ndarray:
 def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     import SimpleITK as sitk
 
-    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warnings go straight to stderr
     try:
-        img = sitk.ReadImage(str(path))
-        data = sitk.GetArrayFromImage(img)
+        with _quiet_itk():
+            img = sitk.ReadImage(str(path))
+            data = sitk.GetArrayFromImage(img)
     except RuntimeError as exc:
         text = str(exc)
         # ITK refuses these while building the image; they are geometry problems, not corruption.
@@ -260,8 +586,11 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
             raise DataError("degenerate voxel axes in the file header (direction matrix with determinant 0)",
                             path) from None
         raise _corrupt(path, _itk_message(exc)) from None
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    return _from_sitk(img, data, path)
+
+
+def _from_sitk(img, data: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """SimpleITK image + its array -> (x, y, z, ...) array, RAS affine and ITK meta (3D, padded for 2D)."""
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(
             f"{img.GetNumberOfComponentsPerPixel()}-component (vector/RGB) image where a scalar volume "
@@ -413,6 +742,9 @@ def _cast(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def write_volume(path: str | Path, array: np.ndarray, reference: Volume, *, dtype=None) -> None:
     """Write ``array`` with ``reference``'s geometry; the format follows ``path``'s extension.
 
+    A reference read from a 2D file (``meta["ndim"] == 2``) gives a 2D file again (as NRRD/MetaImage only where its
+    geometry lies in the x-y plane, else a one-slice 3D file).
+
     The output is written atomically. A NIfTI output keeps the reference header's qform/sform codes (a
     reference from NRRD/MetaImage gets code 1, scanner); an NRRD/MetaImage output reuses the reference's
     ITK origin/spacing/direction when it has them, else derives them from the affine. ``dtype=None``
@@ -432,10 +764,12 @@ def write_volume(path: str | Path, array: np.ndarray, reference: Volume, *, dtyp
         )
     out_dtype = np.dtype(dtype) if dtype is not None else _default_dtype(array)
     data = _cast(array, out_dtype)
+    # A reference read from a 2D file gives a 2D file again (same 2D origin, spacing and direction).
+    two_d = (reference.meta or {}).get("ndim") == 2 and data.ndim == 3 and data.shape[2] == 1
     if ext in NIFTI_EXTENSIONS:
-        _write_nifti(path, data, reference)
+        _write_nifti(path, data[:, :, 0] if two_d else data, reference)
     else:
-        _write_itk(path, data, reference, ext)
+        _write_itk(path, data, reference, ext, two_d)
 
 
 def _write_nifti(path: Path, data: np.ndarray, reference: Volume) -> None:
@@ -467,7 +801,7 @@ def _write_nifti(path: Path, data: np.ndarray, reference: Volume) -> None:
         nib.save(img, str(tmp))
 
 
-def _write_itk(path: Path, data: np.ndarray, reference: Volume, ext: str) -> None:
+def _write_itk(path: Path, data: np.ndarray, reference: Volume, ext: str, two_d: bool = False) -> None:
     import SimpleITK as sitk
 
     meta = reference.meta or {}
@@ -477,7 +811,13 @@ def _write_itk(path: Path, data: np.ndarray, reference: Volume, ext: str) -> Non
         direction = np.asarray(meta["direction"], dtype=np.float64).reshape(3, 3)
     else:
         origin, spacing, direction = _itk_from_affine(reference.affine)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    # A 2D ITK image has no third axis: only an in-plane geometry (z origin 0, no tilt out of the plane) fits it.
+    in_plane = origin[2] == 0 and not direction[2, :2].any() and not direction[:2, 2].any()
+    if two_d and in_plane:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(data[:, :, 0].T))
+        origin, spacing, direction = origin[:2], spacing[:2], direction[:2, :2]
+    else:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
     img.SetOrigin(tuple(float(v) for v in origin))
     img.SetSpacing(tuple(float(v) for v in spacing))
     img.SetDirection(tuple(float(v) for v in direction.ravel()))

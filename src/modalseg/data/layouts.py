@@ -25,8 +25,12 @@ Layouts
   ({"background": 0, "mass": 1}; integer values, background first with value 0; nnU-Net region
   lists are not supported), ``file_ending`` (".nii.gz", ".nrrd", ".mha", ...), ``numTraining``
   (must equal the number of cases found in imagesTr). The MSD v1 spellings ``modality`` (for
-  ``channel_names``) and ``labels`` as {"0": "background", ...} are accepted; single-channel MSD
-  datasets whose image files carry no ``_0000`` suffix are read from the ``training`` list.
+  ``channel_names``) and ``labels`` as {"0": "background", ...} are accepted. MSD datasets (a
+  ``training`` list in dataset.json) whose image files carry no ``_0000`` suffix hold one file per case:
+  a 3D file for one channel, a 4D file ``X x Y x Z x C`` with one channel per modality otherwise
+  (BraTS: ``imagesTr/BRATS_001.nii.gz`` with FLAIR, T1w, T1gd, T2w); such a case's ``images`` are
+  :class:`~modalseg.data.io.ImageRef` paths to that one file, channel 0..C-1, which every reader of
+  ``CaseFiles.images`` reads as separate volumes. Labels stay 3D.
 
   modalseg extensions (all optional):
 
@@ -61,6 +65,10 @@ Layouts
 
   Optional keys of ``modalseg.json``: ``name``, ``file_ending`` (default ".nii.gz"),
   ``case_patient``, ``labels_to_background``. Every sub-folder (not starting with ".") is a case.
+  Names are matched case-insensitively (``t1c.nii.gz`` is modality T1C). Where ``<modality><ending>`` is
+  absent, a sub-folder ``root/CASE/<modality>/`` holding the modality's DICOM series is used (read by
+  :func:`~modalseg.data.io.read_volume`); the label stays a file, ``label<ending>`` or ``label`` with any
+  supported extension (``label.nii.gz`` beside DICOM folders). Two images for one modality are refused.
 
 ``"auto"`` -- ``dataset.json`` -> nnunet; ``modalseg.json`` -> folder; MS-CMRSeg or MM-WHS file names
   -> that layout.
@@ -74,7 +82,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from modalseg.data.io import SUPPORTED_EXTENSIONS
+from modalseg.data.io import SUPPORTED_EXTENSIONS, ImageRef, is_supported, strip_extension
 from modalseg.data.types import CaseFiles, DatasetSpec
 from modalseg.errors import ConfigError, DataError
 from modalseg.utils.names import check_name
@@ -95,7 +103,7 @@ NNUNET_KEYS = frozenset({
     "channel_names", "modality", "labels", "numTraining", "file_ending", "training", "test", "numTest", "name",
     "description", "reference", "licence", "license", "release", "tensorImageSize", "regions_class_order",
     "overwrite_image_reader_writer", "dataset_name", "author", "citation",
-    "case_patient", "paired", "modalities", "case_modality", "labels_to_background",
+    "case_patient", "paired", "modalities", "case_modality", "labels_to_background", "modalseg_synth",
 })
 FOLDER_KEYS = frozenset({"modalities", "labels", "name", "file_ending", "case_patient", "labels_to_background"})
 
@@ -377,9 +385,11 @@ def _load_nnunet(root: Path, split: str, **options: Any) -> DatasetSpec:
     label_folder = root / ("labelsTr" if split == "train" else "labelsTs")
     cases: list[CaseFiles] = []
     for case_id in sorted(groups):
-        images = tuple(folder / f"{case_id}_{i:04d}{ending}" for i in range(len(channels)))
-        if groups[case_id] is not None:  # MSD single-channel file without _0000
-            images = (groups[case_id],)
+        images: tuple[Path, ...] = tuple(folder / f"{case_id}_{i:04d}{ending}" for i in range(len(channels)))
+        single = groups[case_id]
+        if single is not None:  # MSD: one file per case, 3D for one channel, else 4D (channel k = modality k)
+            images = (single,) if len(channels) == 1 else tuple(
+                ImageRef.make(single, channel=k) for k in range(len(channels)))
         modality = None
         if not paired:
             if case_id not in case_modality:
@@ -418,7 +428,7 @@ def _load_nnunet(root: Path, split: str, **options: Any) -> DatasetSpec:
 def _group_channels(
     folder: Path, ending: str, num_channels: int, training_list: Any
 ) -> dict[str, Path | None]:
-    """case_id -> None (channels named CASE_XXXX) or the single file of an MSD v1 case."""
+    """case_id -> None (channels named CASE_XXXX) or the single file of an MSD v1 case (4D if several channels)."""
     groups: dict[str, Path | None] = {}
     plain: list[Path] = []
     for path in _files_with_ending(folder, ending):
@@ -434,10 +444,12 @@ def _group_channels(
             )
         groups[case_id] = None
     if plain:
-        if num_channels == 1 and not groups and isinstance(training_list, list):
+        if not groups and isinstance(training_list, list):
             return {p.name[: -len(ending)]: p for p in plain}
         raise DataError(
-            f"file name does not end in a 4-digit channel index (expected CASE_0000{ending})", plain[0]
+            f"file name does not end in a 4-digit channel index (expected CASE_0000{ending}; one file per case, "
+            "4D with all channels, is read for Decathlon datasets, whose dataset.json has a 'training' list)",
+            plain[0],
         )
     return groups
 
@@ -584,8 +596,8 @@ def _load_folder(root: Path, split: str, **options: Any) -> DatasetSpec:
     cases = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         cid = folder.name
-        images = tuple(folder / f"{m}{ending}" for m in modalities)
-        cases.append(CaseFiles(cid, images, folder / f"label{ending}", case_patient.get(cid, cid)))
+        images = folder_images(folder, modalities, ending)
+        cases.append(CaseFiles(cid, images, _folder_label(folder, ending), case_patient.get(cid, cid)))
     _check_case_patient(case_patient, (c.case_id for c in cases), jpath)
     name = meta.get("name") if isinstance(meta.get("name"), str) else root.resolve().name
     return DatasetSpec(
@@ -600,3 +612,41 @@ def _load_folder(root: Path, split: str, **options: Any) -> DatasetSpec:
         labels_to_background=to_background,
         warnings=_unknown_keys(meta, FOLDER_KEYS, jpath),
     )
+
+
+def _entries(folder: Path) -> dict[str, list[Path]]:
+    """Non-hidden entries of ``folder`` by case-folded name (``T1C.nii.gz`` and ``t1c.nii.gz`` are one name)."""
+    out: dict[str, list[Path]] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("."):
+            out.setdefault(p.name.casefold(), []).append(p)
+    return out
+
+
+def folder_images(folder: Path, modalities: Iterable[str], ending: str) -> tuple[Path, ...]:
+    """Each modality's image in a case folder: ``<modality><ending>`` (case-insensitive), else a sub-folder named
+    after the modality (a DICOM series). A missing one is declared as ``<modality><ending>``, for verify to report;
+    two candidates for one modality (``T1C.nii.gz`` and ``T1C/``) are refused rather than one picked silently."""
+    entries = _entries(folder)
+    images = []
+    for m in modalities:
+        found = [p for p in entries.get(f"{m}{ending}".casefold(), []) if p.is_file()]
+        found += [p for p in entries.get(m.casefold(), []) if p.is_dir()]
+        if len(found) > 1:
+            raise DataError(f"{len(found)} images for modality {m!r}: {', '.join(p.name for p in found)}; keep one",
+                            folder)
+        images.append(found[0] if found else folder / f"{m}{ending}")
+    return tuple(images)
+
+
+def _folder_label(folder: Path, ending: str) -> Path:
+    """``label<ending>`` (case-insensitive), else the one ``label.<supported extension>`` file (e.g. a NIfTI label
+    beside DICOM folders of a dataset declared with another file_ending), else the declared, missing one."""
+    entries = _entries(folder)
+    other = [p for p in entries.get(f"label{ending}".casefold(), []) if p.is_file()]
+    if not other:
+        other = [p for ps in entries.values() for p in ps
+                 if p.is_file() and is_supported(p) and strip_extension(p.name).casefold() == "label"]
+    if len(other) > 1:
+        raise DataError(f"{len(other)} label files: {', '.join(p.name for p in other)}; keep one", folder)
+    return other[0] if other else folder / f"label{ending}"

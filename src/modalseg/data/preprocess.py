@@ -52,8 +52,13 @@ from modalseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-NORMALIZATIONS = ("zscore_slice", "zscore_volume", "max_slice", "max_volume", "minmax_slice", "none")
-CROPS = ("none", "center", "bbox")
+NORMALIZATIONS = (
+    "zscore_slice", "zscore_volume", "zscore_volume_robust", "max_slice", "max_volume", "minmax_slice", "none"
+)
+CROPS = ("none", "center", "bbox", "square")
+#: Percentiles of ``zscore_volume_robust``: intensities are clipped to them before the z-score (nnU-Net clips CT
+#: to the 0.5/99.5 percentiles of the dataset's foreground; here of each volume, which also tames MR artefacts).
+ROBUST_PERCENTILES = (0.5, 99.5)
 
 Box = tuple[int, int, int, int]
 _EPS = 1e-8
@@ -112,11 +117,19 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess.crop: unknown crop {self.crop!r}; choose from {', '.join(CROPS)}")
         self.target_size = _pair(self.target_size, "target_size")
         self.crop_size = _pair(self.crop_size, "crop_size")
-        if self.crop != "none" and self.crop_size is None:
+        if self.crop in ("center", "bbox") and self.crop_size is None:
             raise ConfigError(f"preprocess.crop_size: required when crop is {self.crop!r}")
         self.only_labelled_slices = bool(self.only_labelled_slices)
 
     # ----------------------------------------------------------------------------------------- presets
+    @classmethod
+    def default(cls) -> PreprocessConfig:
+        """For user data (not a paper's recipe): every slice of a case, each modality z-scored over its volume
+        after clipping to its 0.5/99.5 percentiles (robust to bright artefacts and CT's HU range), each slice
+        padded to a square (aspect ratio kept) and resized to 256x256. Inverted exactly at prediction time."""
+        return cls(slice_axis=2, normalization="zscore_volume_robust", target_size=(256, 256), crop="square",
+                   only_labelled_slices=False)
+
     @classmethod
     def paper1(cls) -> PreprocessConfig:
         """Paper 1 (paired breast MRI, T1C master + T2W assistant): each axial slice divided by its maximum
@@ -246,6 +259,13 @@ def center_box(shape: Sequence[int], size: Sequence[int]) -> Box:
     return (r[0], c[0], r[1], c[1])
 
 
+def square_box(shape: Sequence[int]) -> Box:
+    """The centred square box of side max(h, w): padding the short side keeps the aspect ratio when the square
+    is then resized (a 45x120 slice is padded to 120x120, not stretched 2.7x along one axis)."""
+    side = max(int(shape[0]), int(shape[1]))
+    return center_box(shape, (side, side))
+
+
 def _place(extent: int, size: int, centre: float) -> tuple[int, int]:
     """Start/stop of a ``size`` window centred at ``centre`` and kept inside ``[0, extent)`` when it fits;
     when it does not fit the window is centred on the image (padding split evenly, extra pixel after)."""
@@ -331,9 +351,19 @@ def _resize(array: np.ndarray, size: Sequence[int], *, is_label: bool) -> np.nda
 
 
 # ------------------------------------------------------------------------------------------- normalisation
-def volume_stats(images: np.ndarray) -> list[dict[str, float]]:
-    """Per-channel statistics of an (M, ...) volume for the ``*_volume`` normalisation modes."""
-    return [_stats(channel) for channel in images]
+def volume_stats(images: np.ndarray, modes: Sequence[str] | None = None) -> list[dict[str, float]]:
+    """Per-channel statistics of an (M, ...) volume for the ``*_volume`` normalisation modes (``modes``: one per
+    channel; robust modes get percentile-clipped statistics)."""
+    modes = modes or ["zscore_volume"] * len(images)
+    return [_robust_stats(c) if m == "zscore_volume_robust" else _stats(c) for c, m in zip(images, modes, strict=True)]
+
+
+def _robust_stats(x: np.ndarray) -> dict[str, float]:
+    """Mean/std of the volume clipped to :data:`ROBUST_PERCENTILES`, with the clip bounds."""
+    c = np.asarray(x, dtype=np.float64)
+    lo, hi = (float(v) for v in np.percentile(c, ROBUST_PERCENTILES))
+    clipped = np.clip(c, lo, hi)
+    return {"mean": float(clipped.mean()), "std": float(clipped.std()), "max": hi, "min": lo, "clip": 1.0}
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:
@@ -345,7 +375,7 @@ def _normalise(x: np.ndarray, mode: str, stats: dict[str, float] | None) -> np.n
     """One 2D channel. Degenerate statistics (constant slice, max <= 0) do not divide by ~0."""
     if mode == "none":
         return x.astype(np.float32, copy=False)
-    if mode.endswith("_volume"):
+    if "_volume" in mode:
         if stats is None:
             raise ValueError(f"normalisation {mode!r} needs volume statistics (see volume_stats)")
         s = stats
@@ -353,6 +383,8 @@ def _normalise(x: np.ndarray, mode: str, stats: dict[str, float] | None) -> np.n
         s = _stats(x)
     if mode.startswith("zscore"):
         std = s["std"] if s["std"] > _EPS else 1.0
+        if s.get("clip"):
+            x = np.clip(x, s["min"], s["max"])
         y = (x - s["mean"]) / std
     elif mode.startswith("max"):
         y = x / s["max"] if s["max"] > _EPS else x
@@ -393,6 +425,8 @@ def preprocess_slice(
     if box is None:
         if cfg.crop == "none":
             box = (0, 0, h, w)
+        elif cfg.crop == "square":
+            box = square_box((h, w))
         elif cfg.crop == "bbox" and label is not None:
             box = bbox_for_volume(label[:, :, None], 2, cfg.crop_size)  # type: ignore[arg-type]
         else:
@@ -445,6 +479,8 @@ def volume_box(shape2d: Sequence[int], label: np.ndarray | None, cfg: Preprocess
     """The crop box shared by all slices of a volume (bbox from labels, centre fallback without)."""
     if cfg.crop == "none":
         return (0, 0, int(shape2d[0]), int(shape2d[1]))
+    if cfg.crop == "square":
+        return square_box(shape2d)
     if cfg.crop == "bbox" and label is not None:
         return bbox_for_volume(label, cfg.slice_axis, cfg.crop_size)  # type: ignore[arg-type]
     return center_box(shape2d, cfg.crop_size)  # type: ignore[arg-type]
@@ -471,7 +507,7 @@ def preprocess_volume(
     if label is not None and tuple(label.shape) != images.shape[1:]:
         raise ValueError(f"label shape {label.shape} differs from image shape {images.shape[1:]}")
     modes = cfg.modes_for(images.shape[0], channels)
-    stats = volume_stats(images) if any(m.endswith("_volume") for m in modes) else None
+    stats = volume_stats(images, modes) if any("_volume" in m for m in modes) else None
     a, b = in_plane_axes(axis)
     box = volume_box((images.shape[1 + a], images.shape[1 + b]), label, cfg)
     px = in_plane_spacing(spacing, axis)

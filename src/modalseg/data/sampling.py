@@ -55,9 +55,22 @@ class EpochBatchSampler:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        foreground: np.ndarray | None = None,
+        foreground_fraction: float = 0.0,
     ) -> None:
         _check_rank(batch_size, rank, world_size)
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        # Foreground oversampling (nnU-Net forces a third of every batch to contain foreground): the last
+        # round(fraction * global batch) positions of each global batch that hold a slice without foreground are
+        # replaced by foreground slices drawn from (seed, epoch, batch), so resume and DDP stay exact.
+        self.foreground_fraction = float(foreground_fraction)
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        fg = np.zeros(len(self.indices), bool) if foreground is None else np.asarray(foreground, bool).reshape(-1)
+        if len(fg) != len(self.indices):
+            raise ValueError("foreground mask must have one entry per index")
+        self._is_fg = dict(zip(self.indices.tolist(), fg.tolist(), strict=True))
+        self._fg_pool = self.indices[fg]
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -94,11 +107,23 @@ class EpochBatchSampler:
         order = self.order(epoch)
         g = self.global_batch_size
         for b in range(int(start_batch), total):
-            glob = order[b * g : (b + 1) * g]
+            glob = self._oversample(order[b * g : (b + 1) * g], epoch, b)
             if len(glob) == g:
                 yield glob[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             else:
                 yield np.array_split(glob, self.world_size)[self.rank]
+
+
+    def _oversample(self, glob: np.ndarray, epoch: int, batch: int) -> np.ndarray:
+        forced = int(round(self.foreground_fraction * len(glob)))
+        if not forced or not len(self._fg_pool):
+            return glob
+        glob = glob.copy()
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch), int(batch), 7])))
+        for pos in range(len(glob) - forced, len(glob)):
+            if not self._is_fg[int(glob[pos])]:
+                glob[pos] = self._fg_pool[rng.integers(len(self._fg_pool))]
+        return glob
 
 
 def _modality_key(name: str) -> int:

@@ -6,15 +6,19 @@ declared file once and collects *all* problems, each as ``"PATH: problem"``, so 
 them in one pass:
 
 * a declared file (modality image or training label) is missing or unreadable;
-* within a paired case, a modality's shape, spacing (relative tolerance) or orientation (direction
-  cosines, absolute tolerance) differs from channel 0;
-* a label's shape, spacing, orientation or origin differs from its image (origins: by more than half
-  the image's smallest voxel size, :data:`ORIGIN_TOL_VOXELS`);
+* within a paired case, a modality that covers no part of channel 0's field of view (``strict``: whose
+  shape, spacing (relative tolerance) or orientation (direction cosines, absolute tolerance) differs at all);
+* a label that covers no part of its image, or that lies on its image's grid (same shape, spacing and
+  orientation) with an origin more than half the image's smallest voxel size off (:data:`ORIGIN_TOL_VOXELS`);
+  ``strict``: any shape, spacing, orientation or origin difference;
 * label values outside the declared values and ``labels_to_background``;
 * NaN/inf voxels; a constant (empty) image.
 
 Warnings (not problems): spacing anisotropy above ``max_anisotropy``, origins of paired modalities
-that differ by more than half a voxel, declared classes that no label file contains.
+that differ by more than half a voxel, declared classes that no label file contains, a modality or label on
+another grid than its master image (training and predict resample it, :mod:`modalseg.data.geometry`), and
+cases stored in different voxel orientations (all are brought to RAS before slicing). The summary gives each
+case's orientation and which stored array axis the slices are taken along.
 """
 
 from __future__ import annotations
@@ -24,6 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
+from modalseg.data.geometry import (
+    CANONICAL,
+    PLANES,
+    describe_grids,
+    grid_coverage,
+    no_overlap_message,
+    reorientation_of,
+    same_grid_in_other_order,
+)
 from modalseg.data.io import read_volume
 from modalseg.data.types import DatasetSpec, Volume
 from modalseg.errors import DataError
@@ -44,6 +57,11 @@ class VerifyReport:
     spacing_max: tuple[float, ...] | None = None
     label_values: list[int] = field(default_factory=list)
     cases_per_modality: dict[str, int] = field(default_factory=dict)
+    #: case id -> axis codes of its (master) image as stored, e.g. "LPS"
+    orientations: dict[str, str] = field(default_factory=dict)
+    #: case id -> the stored array axis that becomes the slice axis once the case is brought to RAS
+    stored_slice_axes: dict[str, int] = field(default_factory=dict)
+    slice_axis: int = 2
 
     @property
     def ok(self) -> bool:
@@ -66,6 +84,22 @@ class VerifyReport:
         lines.append(f"spacing (mm): {fmt(self.spacing_min, '.4g')} .. {fmt(self.spacing_max, '.4g')}")
         if self.label_values:
             lines.append(f"label values found: {', '.join(str(v) for v in self.label_values)}")
+        lines += self.orientation_lines()
+        return lines
+
+    def orientation_lines(self) -> list[str]:
+        """One line per (orientation, stored slice axis) group, naming its cases (the first 10 of a group)."""
+        if not self.orientations:
+            return []
+        plane = PLANES[self.slice_axis]
+        lines = [f"orientation (shape and spacing above are in {CANONICAL} voxel order; every case is brought to "
+                 f"{CANONICAL} before slicing along axis {self.slice_axis}, {plane}):"]
+        groups: dict[tuple[str, int], list[str]] = {}
+        for case, codes in self.orientations.items():
+            groups.setdefault((codes, self.stored_slice_axes.get(case, self.slice_axis)), []).append(case)
+        for (codes, axis), cases in sorted(groups.items(), key=lambda item: -len(item[1])):
+            shown = ", ".join(cases[:10]) + (f", ... ({len(cases) - 10} more)" if len(cases) > 10 else "")
+            lines.append(f"  {codes}: {len(cases)} case(s), {plane} slices along stored axis {axis}: {shown}")
         return lines
 
 
@@ -142,9 +176,22 @@ def _compare_geometry(
 
 
 def _axcodes(volume: Volume) -> str:
-    from nibabel.orientations import aff2axcodes
+    from modalseg.data.geometry import axcodes
 
-    return "".join(str(c) for c in aff2axcodes(volume.affine))
+    return axcodes(volume.affine)
+
+
+def _grid_note(vol: Volume, ref: Volume, what: str, ref_name: str, grid: str, how: str) -> tuple[str, bool]:
+    """(line, usable) for ``vol`` on another grid than ``ref``: what training and predict will do with it, or
+    (the refusal, False) when it covers no part of ``ref``."""
+    if same_grid_in_other_order(vol, ref) is not None:
+        return (f"{vol.path}: {what} is on the grid of {ref_name} {ref.path} stored in voxel order {_axcodes(vol)} "
+                f"instead of {_axcodes(ref)}; it will be reoriented onto {grid} grid (no interpolation)", True)
+    coverage = grid_coverage(vol, ref)
+    if coverage == 0.0:
+        return f"{vol.path}: {no_overlap_message(what, grid, ref)}", False
+    return (f"{vol.path}: {what} is on another grid than {ref_name} {ref.path} ({describe_grids(vol, ref)}); it "
+            f"will be resampled ({how}) onto {grid} grid (covering {100 * coverage:.3g}% of it)", True)
 
 
 def _read(path: Path, kind: str, problems: list[str], what: str) -> Volume | None:
@@ -164,14 +211,22 @@ def verify_dataset(
     spacing_tol: float = 1e-3,
     direction_tol: float = 1e-3,
     max_anisotropy: float = 20.0,
+    strict: bool = False,
+    slice_axis: int | None = None,
 ) -> VerifyReport:
     """Read every file of ``spec`` once and collect all problems and warnings (see module docstring).
 
     ``spacing_tol`` is relative (``|s - s0| <= tol * s0`` per axis); ``direction_tol`` is absolute on the
-    direction cosines (unit columns of the affine).
+    direction cosines (unit columns of the affine). ``strict`` makes any grid difference between a case's files
+    a problem (training and predict with ``strict`` refuse it; otherwise they resample). ``slice_axis`` (of the
+    RAS voxel order) is only reported; default: that of the dataset's preset, 1 (coronal) for MM-WHS, else 2
+    (axial).
     """
+    if slice_axis is None:
+        slice_axis = 1 if spec.layout == "mmwhs" else 2
     report = VerifyReport(
-        num_cases=len(spec.cases), modalities=list(spec.modalities), class_names=spec.class_names
+        num_cases=len(spec.cases), modalities=list(spec.modalities), class_names=spec.class_names,
+        slice_axis=int(slice_axis),
     )
     if not spec.paired:
         report.cases_per_modality = {m: len(spec.cases_of(m)) for m in spec.modalities}
@@ -195,14 +250,20 @@ def verify_dataset(
         ref: Volume | None = None
         for index, path in enumerate(case.images):
             name = names[index] if index < len(names) else f"channel {index}"
-            vol = _read(Path(path), "image", problems, f"{name} image of case {case.case_id}:")
+            # an ImageRef (channel of a 4D file) is a Path already; Path(ref) would drop its channel
+            vol = _read(path if isinstance(path, Path) else Path(path), "image", problems,
+                        f"{name} image of case {case.case_id}:")
             if vol is None:
                 continue
             _check_intensities(vol, problems)
             if index == 0:
                 ref = vol
-                shapes.append(vol.shape)
-                spacings.append(vol.spacing)
+                reo = reorientation_of(vol)
+                report.orientations[case.case_id] = reo.file_codes
+                report.stored_slice_axes[case.case_id] = reo.stored_axis(slice_axis)
+                canonical_spacing = tuple(vol.spacing[reo.stored_axis(a)] for a in range(3))
+                shapes.append(reo.canonical_shape)
+                spacings.append(canonical_spacing)
                 sp = np.asarray(vol.spacing)
                 if sp.min() > 0 and sp.max() / sp.min() > max_anisotropy:
                     warnings.append(
@@ -210,7 +271,14 @@ def verify_dataset(
                         f"(ratio {sp.max() / sp.min():.1f} > {max_anisotropy:g})"
                     )
             elif ref is not None:
-                problems.extend(_compare_geometry(vol, ref, name, f"{names[0]}", spacing_tol, direction_tol))
+                differences = _compare_geometry(vol, ref, name, f"{names[0]}", spacing_tol, direction_tol)
+                if differences and strict:
+                    problems.extend(differences)
+                    continue
+                if differences:
+                    line, usable = _grid_note(vol, ref, name, names[0], f"{names[0]}'s", "linear")
+                    (warnings if usable else problems).append(line)
+                    continue
                 shift = float(np.linalg.norm(vol.affine[:3, 3] - ref.affine[:3, 3]))
                 if shift > 0.5 * min(ref.spacing):
                     warnings.append(
@@ -223,9 +291,14 @@ def verify_dataset(
         if label is None:
             continue
         if ref is not None:
-            problems.extend(
-                _compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol, ORIGIN_TOL_VOXELS)
-            )
+            differences = _compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol)
+            if strict or not differences:
+                problems.extend(
+                    _compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol, ORIGIN_TOL_VOXELS)
+                )
+            else:
+                line, usable = _grid_note(label, ref, "label", "image", "the image's", "nearest neighbour")
+                (warnings if usable else problems).append(line)
         values = {int(v) for v in np.unique(label.array)}
         found_values |= values
         unexpected = sorted(values - allowed)
@@ -243,6 +316,15 @@ def verify_dataset(
         report.spacing_min = tuple(float(v) for v in sp_arr.min(axis=0))
         report.spacing_max = tuple(float(v) for v in sp_arr.max(axis=0))
     report.label_values = sorted(found_values)
+    kinds: dict[str, int] = {}
+    for codes in report.orientations.values():
+        kinds[codes] = kinds.get(codes, 0) + 1
+    if len(kinds) > 1:
+        listed = ", ".join(f"{codes} ({n})" for codes, n in sorted(kinds.items(), key=lambda item: -item[1]))
+        warnings.append(
+            f"{spec.root}: {len(kinds)} orientations among {len(report.orientations)} cases: {listed}; "
+            f"all are brought to {CANONICAL} before slicing"
+        )
     if found_values:
         for cname, value in list(spec.labels.items())[1:]:
             if value not in found_values:

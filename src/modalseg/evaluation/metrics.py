@@ -36,13 +36,22 @@ Why: a correctly empty prediction is a perfect overlap (Dice 1, no surface dista
 ratios over the ground truth, so with an empty ground truth they are undefined (0/0 = NaN) or infinite
 (n/0 = inf); a missing prediction has no surface, so its distances are infinite. :func:`aggregate` never drops
 a NaN or inf silently: it leaves non-finite values out of the mean and reports how many, per status.
+
+Where we deviate from nnU-Net: nnU-Net v2 (``compute_metrics``) scores a both-empty class Dice (and IoU) **NaN**
+(``tp + fp + fn == 0``) and ``np.nanmean`` then leaves that case out of the class mean; ours scores it 1, so a
+class that is correctly absent raises the mean. ``empty_dice="nan"`` (``modalseg evaluate --empty-dice nan``)
+gives nnU-Net's convention: Dice NaN for ``both_empty`` (the distances stay 0), and the NaN is left out of the
+means (and counted) by :func:`aggregate`, i.e. a nanmean. Only Dice changes; the other rows above do not.
+
+nnU-Net's ``ignore`` label and region-based labels (BraTS' whole tumour = values 1, 2, 3) are scored with
+:func:`region_masks` and :func:`evaluate_masks` (``valid`` = voxels outside the reference's ignore label).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -60,6 +69,8 @@ from modalseg.errors import ConfigError, DataError, ModalsegError
 METRIC_NAMES: tuple[str, ...] = ("dice", "sensitivity", "rad", "hd", "hd95")
 STATUSES: tuple[str, ...] = ("ok", "both_empty", "pred_empty", "gt_empty")
 HD95_CONVENTIONS: tuple[str, ...] = ("monai", "pooled")
+#: Dice of a class absent from both prediction and reference: ``"one"`` (ours) or ``"nan"`` (nnU-Net's).
+EMPTY_DICE_CONVENTIONS: tuple[str, ...] = ("one", "nan")
 _HD_CHUNK_VOXELS = 1 << 24
 
 
@@ -95,6 +106,7 @@ def _check_inputs(
     case_id: str,
     hd95_convention: str,
     spatial_ndim: int | None = None,
+    empty_dice: str = "one",
 ) -> tuple[np.ndarray, np.ndarray]:
     pred = np.asarray(pred)
     gt = np.asarray(gt)
@@ -111,8 +123,7 @@ def _check_inputs(
             f"{len(class_names)} class names {list(class_names)} for num_classes={num_classes} "
             "(name every class, background first)"
         )
-    if hd95_convention not in HD95_CONVENTIONS:
-        raise ConfigError(f"hd95_convention must be one of {HD95_CONVENTIONS}, got {hd95_convention!r}")
+    _check_conventions(hd95_convention, empty_dice)
     for name, arr in (("prediction", pred), ("ground truth", gt)):
         if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
             if not np.all(np.equal(np.mod(arr, 1), 0)):
@@ -123,6 +134,13 @@ def _check_inputs(
                 case_id,
             )
     return pred.astype(np.int64, copy=False), gt.astype(np.int64, copy=False)
+
+
+def _check_conventions(hd95_convention: str, empty_dice: str) -> None:
+    if hd95_convention not in HD95_CONVENTIONS:
+        raise ConfigError(f"hd95_convention must be one of {HD95_CONVENTIONS}, got {hd95_convention!r}")
+    if empty_dice not in EMPTY_DICE_CONVENTIONS:
+        raise ConfigError(f"empty_dice must be one of {EMPTY_DICE_CONVENTIONS}, got {empty_dice!r}")
 
 
 def _one_hot(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -158,14 +176,29 @@ def _evaluate_batch(
     case_ids: Sequence[str],
     include_background: bool,
     hd95_convention: str,
+    empty_dice: str = "one",
 ) -> list[CaseMetrics]:
     """Metrics of a batch of label maps (B, *spatial), all classes at once where MONAI allows."""
     p = _one_hot(pred, num_classes)
     g = _one_hot(gt, num_classes)
     first = 0 if include_background else 1
-    p, g = p[:, first:], g[:, first:]
-    names = list(class_names)[first:]
+    return _evaluate_onehot(
+        p[:, first:], g[:, first:], names=list(class_names)[first:], spacings=spacings, case_ids=case_ids,
+        hd95_convention=hd95_convention, empty_dice=empty_dice,
+    )
 
+
+def _evaluate_onehot(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    names: Sequence[str],
+    spacings: Sequence[tuple[float, ...]],
+    case_ids: Sequence[str],
+    hd95_convention: str,
+    empty_dice: str,
+) -> list[CaseMetrics]:
+    """Metrics of binary masks (B, C, *spatial) uint8, one channel per class or region (channels may overlap)."""
     # Confusion matrix (B, C, 4) = [tp, fp, tn, fn]; it also gives the voxel counts.
     cm = get_confusion_matrix(p, g, include_background=True)
     tp, fp, fn = cm[..., 0].long(), cm[..., 1].long(), cm[..., 3].long()
@@ -187,7 +220,7 @@ def _evaluate_batch(
     ok_b, ok_c = np.nonzero(status == "ok")
     # Only masks that are non-empty on both sides reach MONAI (no empty-mask warnings, no NaN). MONAI casts
     # to float, so pairs go in chunks of at most _HD_CHUNK_VOXELS voxels to bound memory on large volumes.
-    voxels = int(np.prod(pred.shape[1:]))
+    voxels = int(np.prod(p.shape[2:]))
     step = max(1, _HD_CHUNK_VOXELS // max(voxels, 1))
     for start in range(0, ok_b.size, step):
         cb, cc = ok_b[start : start + step], ok_c[start : start + step]
@@ -211,13 +244,13 @@ def _evaluate_batch(
         rad[n_gt > 0] = np.abs(n_pred[n_gt > 0] - n_gt[n_gt > 0]) / n_gt[n_gt > 0]
     rad[status == "gt_empty"] = np.inf
     # Explicit conventions (see the module docstring), whatever MONAI returned for these entries.
-    dice[status == "both_empty"] = 1.0
+    dice[status == "both_empty"] = 1.0 if empty_dice == "one" else np.nan
     dice[(status == "gt_empty") | (status == "pred_empty")] = 0.0
     sens[(status == "both_empty") | (status == "gt_empty")] = np.nan
     sens[status == "pred_empty"] = 0.0
 
     out: list[CaseMetrics] = []
-    for b in range(pred.shape[0]):
+    for b in range(p.shape[0]):
         for c, name in enumerate(names):
             out.append(
                 CaseMetrics(
@@ -246,6 +279,7 @@ def evaluate_case(
     case_id: str,
     include_background: bool = False,
     hd95_convention: str = "monai",
+    empty_dice: str = "one",
 ) -> list[CaseMetrics]:
     """Metrics of one case, per class, from integer label maps (2D slice or 3D patient volume).
 
@@ -253,9 +287,9 @@ def evaluate_case(
     a 3D volume and pass the voxel spacing of each axis in mm. ``class_names`` names every class, background
     first; the background is skipped unless ``include_background``. See the module docstring for the HD95
     convention (``"monai"``: max of the directed 95th percentiles; ``"pooled"``: medpy-style) and for the
-    empty-mask conventions.
+    empty-mask conventions (``empty_dice="nan"``: nnU-Net's both-empty Dice).
     """
-    pred, gt = _check_inputs(pred, gt, num_classes, class_names, case_id, hd95_convention)
+    pred, gt = _check_inputs(pred, gt, num_classes, class_names, case_id, hd95_convention, empty_dice=empty_dice)
     sp = _check_spacing(spacing, pred.ndim, case_id)
     return _evaluate_batch(
         pred[None],
@@ -266,6 +300,7 @@ def evaluate_case(
         case_ids=[case_id],
         include_background=include_background,
         hd95_convention=hd95_convention,
+        empty_dice=empty_dice,
     )
 
 
@@ -279,6 +314,7 @@ def evaluate_slices(
     case_ids: Sequence[str] | None = None,
     include_background: bool = False,
     hd95_convention: str = "monai",
+    empty_dice: str = "one",
 ) -> list[CaseMetrics]:
     """Per-slice metrics of 2D label maps (N, H, W), e.g. paper 1's one labelled slice per patient.
 
@@ -287,7 +323,9 @@ def evaluate_slices(
     ``case_ids`` names the slices (default ``slice_000``, ``slice_001``, ...). All slices are evaluated in
     one batched MONAI call per metric.
     """
-    pred, gt = _check_inputs(pred, gt, num_classes, class_names, "slices", hd95_convention, spatial_ndim=3)
+    pred, gt = _check_inputs(
+        pred, gt, num_classes, class_names, "slices", hd95_convention, spatial_ndim=3, empty_dice=empty_dice
+    )
     n = pred.shape[0]
     if case_ids is None:
         case_ids = [f"slice_{i:03d}" for i in range(n)]
@@ -308,7 +346,76 @@ def evaluate_slices(
         case_ids=list(case_ids),
         include_background=include_background,
         hd95_convention=hd95_convention,
+        empty_dice=empty_dice,
     )
+
+
+def region_masks(label_array: np.ndarray, regions: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    """Boolean mask of each region, the union of its label values (nnU-Net's ``region_or_label_to_mask``).
+
+    A plain label is a region of one value (``{"mass": [1]}``); BraTS' ``{"whole tumor": [1, 2, 3], "tumor
+    core": [2, 3], "enhancing tumor": [3]}`` gives three overlapping masks.
+    """
+    array = np.asarray(label_array)
+    out: dict[str, np.ndarray] = {}
+    for name, values in regions.items():
+        values = [values] if np.isscalar(values) else list(values)  # type: ignore[list-item]
+        if not values or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"region {name!r} must be a non-empty list of integer label values, got {values!r}")
+        out[name] = np.isin(array, np.asarray(values, dtype=np.int64))
+    return out
+
+
+def confusion_counts(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> dict[str, int]:
+    """``TP``, ``FP``, ``FN``, ``TN`` voxel counts of two boolean masks, only where ``valid`` (nnU-Net's
+    ``compute_tp_fp_fn_tn``: ``valid`` is the complement of the reference's ignore label)."""
+    p, g = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    use = np.ones(p.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    tp = int(np.count_nonzero(p & g & use))
+    fp = int(np.count_nonzero(p & ~g & use))
+    fn = int(np.count_nonzero(~p & g & use))
+    return {"TP": tp, "FP": fp, "FN": fn, "TN": int(np.count_nonzero(use)) - tp - fp - fn}
+
+
+def evaluate_masks(
+    pred: Mapping[str, np.ndarray],
+    gt: Mapping[str, np.ndarray],
+    *,
+    spacing: Sequence[float] | float,
+    case_id: str,
+    valid: np.ndarray | None = None,
+    hd95_convention: str = "monai",
+    empty_dice: str = "one",
+) -> list[CaseMetrics]:
+    """Metrics of one case from boolean masks per class or region (``class_name`` = the mask's name).
+
+    Masks may overlap (regions, see :func:`region_masks`). ``valid`` (same shape; False = not scored) is the
+    nnU-Net ignore label: both masks are cleared outside it before any metric, so a prediction that differs
+    from the reference only there scores Dice 1 and HD 0. Conventions as in :func:`evaluate_case`.
+    """
+    _check_conventions(hd95_convention, empty_dice)
+    names = list(gt)
+    if not names or list(pred) != names:
+        raise ConfigError(f"prediction masks {list(pred)} and reference masks {names} must name the same classes")
+    shape = np.shape(gt[names[0]])
+    if len(shape) not in (2, 3):
+        raise DataError(f"expected 2D or 3D masks, got shape {shape}", case_id)
+    use = None if valid is None else np.asarray(valid, dtype=bool)
+    for what, masks in (("prediction", pred), ("reference", gt)):
+        for name in names:
+            if np.shape(masks[name]) != shape:
+                raise DataError(f"{what} mask {name!r} has shape {np.shape(masks[name])}, not {shape}", case_id)
+    if use is not None and use.shape != shape:
+        raise DataError(f"valid mask has shape {use.shape}, not {shape}", case_id)
+    sp = _check_spacing(spacing, len(shape), case_id)
+
+    def stack(masks: Mapping[str, np.ndarray]) -> torch.Tensor:
+        arr = np.stack([np.asarray(masks[n], dtype=bool) if use is None else (np.asarray(masks[n], bool) & use)
+                        for n in names])
+        return torch.from_numpy(arr.astype(np.uint8))[None]
+
+    return _evaluate_onehot(stack(pred), stack(gt), names=names, spacings=[sp], case_ids=[case_id],
+                            hd95_convention=hd95_convention, empty_dice=empty_dice)
 
 
 def _excluded_reason(values: np.ndarray, statuses: Sequence[str]) -> tuple[int, str]:
@@ -328,13 +435,16 @@ def aggregate(
     metrics: Iterable[CaseMetrics],
     by: Sequence[str] = ("class_name",),
     metric_names: Sequence[str] = METRIC_NAMES,
+    *,
+    sd_of_one: float | None = 0.0,
 ) -> list[dict]:
     """Mean and s.d. (over cases) of each metric per group, with the exclusions spelled out.
 
     One dict per group (in order of first appearance) with the ``by`` keys, ``n_cases``, the number of cases
     per status (``n_ok``, ``n_both_empty``, ...) and, for each metric ``m``: ``m_mean``, ``m_sd`` (ddof=1;
-    0 for one value; NaN for none), ``m_n`` (values used), ``m_n_excluded`` and ``m_excluded`` (e.g.
-    ``"pred_empty: 2 (inf)"``). NaN and inf values are left out of the means, never silently.
+    ``sd_of_one`` for one value: 0 as in the paper tables, or None where no spread should be shown, e.g.
+    ``modalseg evaluate``; NaN for none), ``m_n`` (values used), ``m_n_excluded`` and ``m_excluded`` (e.g.
+    ``"pred_empty: 2 (inf)"``). NaN and inf values are left out of the means (a nanmean), never silently.
     """
     from modalseg.evaluation.stats import mean_sd
 
@@ -358,7 +468,7 @@ def aggregate(
             finite = values[np.isfinite(values)]
             mean, sd = mean_sd(finite)
             row[f"{name}_mean"] = mean
-            row[f"{name}_sd"] = sd
+            row[f"{name}_sd"] = sd_of_one if finite.size == 1 else sd
             row[f"{name}_n"] = int(finite.size)
             row[f"{name}_n_excluded"] = n_excl
             row[f"{name}_excluded"] = reason

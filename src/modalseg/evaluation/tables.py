@@ -80,7 +80,9 @@ def write_table(
     """Write ``rows`` (dicts) restricted to ``columns`` as Markdown and/or CSV, each file atomically.
 
     Markdown shows floats with ``float_digits`` significant digits; CSV keeps full precision (``repr``),
-    NaN as ``nan`` and inf as ``inf`` (``float()`` reads them back). Pass ``None`` to skip a format.
+    NaN as ``nan`` and inf as ``inf`` (``float()`` reads them back). A ``None`` value is an empty cell in both
+    (``modalseg evaluate`` gives the s.d. of a single case as None: no spread to show, rather than 0 or NaN).
+    Pass ``None`` as a path to skip a format.
     """
     if not columns:
         raise EvaluationError("write_table: no columns given")

@@ -395,6 +395,9 @@ def _train_and_record(plan: Plan, model: str, run: int, fold: int, label: str) -
     train_s = time.perf_counter() - t0
 
     ckpt = fold_dir / f"{plan.checkpoint}.pt"
+    if not ckpt.exists():  # best.pt is never written from a degenerate (empty/all-foreground) validation
+        print(f"      no {ckpt.name} in {fold_dir} (no non-degenerate validation epoch): using latest.pt", flush=True)
+        ckpt = fold_dir / "latest.pt"
     load_model_state(trainer.network, load_checkpoint(ckpt)["model_state"], ckpt)
     pred, target, _patients = trainer.predict_split("val")["all"]
     idx = np.sort(trainer.val_idx)
@@ -606,6 +609,8 @@ def _attention_rows(plan: Plan, model: str, fold: int, image: np.ndarray) -> dic
     from modalseg.training.tasks import ModelMeta, build_network
 
     path = plan.output / "runs" / model / "run_0" / f"fold_{fold}" / f"{plan.checkpoint}.pt"
+    if not path.exists():  # no best.pt when no validation epoch was non-degenerate: the weights evaluated
+        path = path.with_name("latest.pt")
     state = load_checkpoint(path)
     meta = ModelMeta.from_dict(state["meta"])
     net = build_network(meta)

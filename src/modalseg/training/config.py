@@ -149,13 +149,17 @@ class TrainConfig:
         "names",
     )
     preprocess: str = _opt(
-        "auto", "preprocessing preset", "str",
-        choices=("auto", "paper1", "paper2_mscmrseg", "paper2_mmwhs", "paper2_synth"),
+        "auto", "preprocessing preset: auto (paired data: default; unpaired: paper 2's for its layout), default "
+        "(for your data: every slice, robust z-score per volume, aspect kept, 256x256), or a paper preset", "str",
+        choices=("auto", "default", "paper1", "paper2_mscmrseg", "paper2_mmwhs", "paper2_synth"),
     )
     preprocess_options: dict = _opt(
         {}, "overrides of PreprocessConfig fields, e.g. {target_size: [128, 128]}", "mapping"
     )
     cache_dir: str | None = _opt(None, "slice cache folder (default: <output>/../.cache)", "path")
+    strict_geometry: bool = _opt(
+        False, "refuse modalities or labels on another grid (default: resample them onto the master image's grid "
+        "by physical coordinates, one line per case)", "bool")
     # --- model ---
     model: str = _opt(
         "auto", "paired: a registered model name (see `modalseg.models.list_models()`); unpaired: backbone name", "str"
@@ -196,7 +200,13 @@ class TrainConfig:
     # --- cross-validation and seeds ---
     folds: int = _opt(5, "number of cross-validation folds, split by patient (1 fold would train on nobody)",
                       "int", ge=2)
-    fold: int = _opt(0, "which fold to train (0-based, < folds); `all` is handled by the CLI", "int", ge=0)
+    fold: int = _opt(0, "which fold to train (0-based, < folds); `cv` (every fold) is handled by the CLI", "int",
+                     ge=0)
+    train_all: bool = _opt(False, "train one model on every case, without validation (nnU-Net's `-f all`; "
+                           "`--fold all`); written to <output>/fold_all", "bool")
+    foreground_fraction: float | None = _opt(
+        None, "share of every batch forced to contain foreground (default: 1/3 with the default preset, as "
+        "nnU-Net; 0 with the paper presets, which train on labelled slices only)", "float", ge=0, le=1)
     seed: int = _opt(0, "seed of weights init, dropout and batch order", "int", ge=0, le=_SEED_MAX)
     split_seed: int = _opt(0, "seed of the patient split (kept fixed across repeated runs)", "int", ge=0,
                            le=_SEED_MAX)

@@ -41,8 +41,15 @@ from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
 from modalseg.training.inference import foreground_dice_per_group, input_size_rule, predict_probabilities
 from modalseg.training.precision import Precision, resolve_device, resolve_precision
-from modalseg.training.splits import load_or_create_splits
-from modalseg.training.tasks import ModelMeta, PairedLoss, UnpairedLoss, build_network, paired_channels
+from modalseg.training.splits import resolve_splits
+from modalseg.training.tasks import (
+    SINGLE_MODALITY_MODELS,
+    ModelMeta,
+    PairedLoss,
+    UnpairedLoss,
+    build_network,
+    paired_channels,
+)
 from modalseg.utils.atomic import atomic_write_bytes, atomic_write_text
 from modalseg.utils.names import child_path
 from modalseg.utils.run_lock import RunLock
@@ -81,19 +88,44 @@ PAPER2_RECIPE = {"batch_size": 8, "amsgrad": False, "lr_step": 1000, "lr_gamma":
 
 
 def resolve_recipe(cfg: TrainConfig, spec: DatasetSpec) -> TrainConfig:
-    """Fill ``None``/``auto`` options from the paper that matches the dataset (paired: 1, unpaired: 2)."""
+    """Fill ``None``/``auto`` options from the dataset.
+
+    Optimisation follows the paper that matches the data (paired: paper 1, unpaired: paper 2). Preprocessing
+    does not for paired data: ``auto`` is the ``default`` preset (every slice, robust z-score, aspect kept; see
+    :meth:`PreprocessConfig.default`) because paper 1's recipe (labelled slices only, per-slice max scaling,
+    stretched to 256x256) misleads on user data; the paper presets are chosen by name (``experiment paper1`` and
+    the paper configs do). Unpaired data keeps paper 2's presets (the only unpaired recipe). ``model: auto``:
+    one channel -> ``unet``, two or more -> ``master_assistant``, unpaired -> ``dilated_fcn``.
+    """
     recipe = dict(PAPER1_RECIPE if spec.paired else PAPER2_RECIPE)
+    if spec.paired and len(cfg.modalities or spec.modalities) == 1:
+        recipe["model"] = "unet"
     if not spec.paired and cfg.setting == "ummkd":
         recipe["conv_l2"] = 1e-4  # UMMKD's L2 on conv kernels (facts file)
     updates = {k: v for k, v in recipe.items() if getattr(cfg, k) in (None, "auto")}
-    if cfg.preprocess == "auto":
-        updates["preprocess"] = "paper1" if spec.paired else {
+    preprocess = cfg.preprocess
+    if preprocess == "auto":
+        preprocess = updates["preprocess"] = "default" if spec.paired else {
             "mscmrseg": "paper2_mscmrseg", "mmwhs": "paper2_mmwhs"}.get(spec.layout, "paper2_synth")
+    if cfg.foreground_fraction is None:
+        updates["foreground_fraction"] = 1.0 / 3.0 if preprocess == "default" else 0.0
     return dataclasses.replace(cfg, **updates)
+
+
+def describe_auto_model(cfg: TrainConfig, spec: DatasetSpec) -> str:
+    """The one line ``model: auto`` prints before any cache is built."""
+    mods = list(cfg.modalities or spec.modalities)
+    if not spec.paired:
+        return f"model auto: {cfg.model} (unpaired data, setting {cfg.setting}, modalities {', '.join(mods)})"
+    if cfg.model in SINGLE_MODALITY_MODELS:
+        return f"model auto: {cfg.model} (one channel: {mods[0]})"
+    rest = f", {', '.join(mods[1:])} assistant{'s' if len(mods) > 2 else ''}" if len(mods) > 1 else ""
+    return f"model auto: {cfg.model} ({len(mods)} channels: {mods[0]} master{rest})"
 
 
 def make_preprocess(cfg: TrainConfig) -> PreprocessConfig:
     presets = {
+        "default": PreprocessConfig.default,
         "paper1": PreprocessConfig.paper1,
         "paper2_mscmrseg": PreprocessConfig.paper2_mscmrseg,
         "paper2_mmwhs": PreprocessConfig.paper2_mmwhs,
@@ -113,17 +145,21 @@ def prepare_cache(cfg: TrainConfig, spec: DatasetSpec, pp: PreprocessConfig, inf
     cache_dir = child_path(cache_root, spec.name)  # the dataset's name is data, never a path
     cache = None
     if info.is_main:
-        cache = build_slice_cache(spec, pp, cache_dir, progress=cfg.progress)
+        cache = build_slice_cache(spec, pp, cache_dir, progress=cfg.progress, strict=cfg.strict_geometry)
     barrier(info)
     if cache is None:
-        cache = build_slice_cache(spec, pp, cache_dir)
+        cache = build_slice_cache(spec, pp, cache_dir, strict=cfg.strict_geometry)
     return cache
 
 
 class Trainer:
     """Train one fold of one run. ``Trainer(cfg).fit()``; ``resume=True`` continues from ``latest.pt``."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, console: bool = True
+    ) -> None:
+        #: print the lines a person reads (auto choices, one line per epoch); off for ``train --json``
+        self.console = console
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -131,22 +167,29 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.run_dir = Path(cfg.output) / f"fold_{cfg.fold}"
+        self.run_dir = Path(cfg.output) / ("fold_all" if cfg.train_all else f"fold_{cfg.fold}")
         self.resume, self.overwrite = resume, overwrite
         self._check_run_folder()  # before any cache is built: a refused run costs nothing
         self.spec = load_dataset(cfg.data, cfg.layout)
-        if self.dist.is_main:
-            for warning in self.spec.warnings:
-                print(f"warning: {warning}", flush=True)
+        for warning in self.spec.warnings:
+            self._say(f"warning: {warning}")
+        model_was_auto = cfg.model == "auto"
         self.cfg = cfg = resolve_recipe(cfg, self.spec)
+        if model_was_auto:
+            self._say(describe_auto_model(cfg, self.spec))
         self.precision: Precision = resolve_precision(self.device, cfg.precision, cfg.channels_last)
         self.pp = make_preprocess(cfg)
         self.cache = prepare_cache(cfg, self.spec, self.pp, self.dist)
         patients = sorted(self.cache.patients)
         # unpaired data: each modality has its own patients; stratify so every fold validates on every modality
         strata = None if self.spec.paired else {r["patient_id"]: r["modality"] for r in self.cache.records}
-        splits = load_or_create_splits(Path(cfg.output) / "splits.json", patients, cfg.folds, cfg.split_seed, strata)
-        self.split = splits[cfg.fold]
+        if cfg.train_all:  # nnU-Net's `-f all`: one model on every case, nothing held out
+            self.split = {"train": patients, "val": []}
+        else:
+            # our splits.json (patient ids), else nnU-Net's splits_final.json (case ids), else a new split
+            splits = resolve_splits(cfg.output, self.cache.patients, cfg.folds, cfg.split_seed, strata,
+                                    dataset_root=cfg.data, log=self._say)
+            self.split = splits[cfg.fold]
         self.paired = self.spec.paired
         self._build_model()
         self._build_data()
@@ -155,6 +198,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.global_step = 0
         self.best = -math.inf
+        self.best_epoch: int | None = None
+        self.last_validation_degenerate = False
         self.history: list[dict[str, float]] = []
         if resume:
             self._resume()
@@ -224,7 +269,7 @@ class Trainer:
         if self.dist.is_main:
             precision, line = choose_precision(loss_module, self._probe_example, self.device, "train",
                                                channels_last=self.cfg.channels_last, model_name=self.cfg.model)
-            print(line, flush=True)
+            self._say(line)
             choice = [precision]
         if self.dist.enabled:
             import torch.distributed as tdist
@@ -261,9 +306,10 @@ class Trainer:
         if self.paired:
             self.train_idx = self.cache.indices_for(case_ids=train_cases)
             self.val_idx = self.cache.indices_for(case_ids=val_cases)
+            foreground = np.array([bool(self.cache.records[i].get("foreground")) for i in self.train_idx])
             self.sampler = EpochBatchSampler(
                 self.train_idx, cfg.batch_size // ws, shuffle=True, seed=cfg.seed, drop_last=True,
-                rank=rank, world_size=ws,
+                rank=rank, world_size=ws, foreground=foreground, foreground_fraction=cfg.foreground_fraction or 0.0,
             )
             self.steps_per_epoch = self.sampler.num_batches(0)
         else:
@@ -309,6 +355,7 @@ class Trainer:
             "global_step": self.global_step,
             "rng_torch": torch.get_rng_state(),
             "best": self.best,
+            "best_epoch": self.best_epoch,
             "history": self.history,
             "meta": self.meta.to_dict(),
             "config": self.cfg.to_dict(),
@@ -356,6 +403,7 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.global_step = int(state["global_step"])
         self.best = float(state["best"])
+        self.best_epoch = state.get("best_epoch")
         self.history = list(state["history"])
 
     # ------------------------------------------------------------------ steps
@@ -407,6 +455,7 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        t_fit = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -462,18 +511,50 @@ class Trainer:
                 if self.epoch % cfg.val_every == 0 or stop or self.epoch == cfg.epochs:
                     self._guard_precision()
                     record["val_dice"] = self.validate()
-                    improved = record["val_dice"] > self.best
-                    self.best = max(self.best, record["val_dice"])
+                    record["degenerate"] = int(self.last_validation_degenerate)
+                    # A NaN score never wins (NaN > x is False), nor does a degenerate epoch (empty or
+                    # all-foreground predictions on every validation case), however its Dice compares.
+                    improved = record["val_dice"] > self.best and not self.last_validation_degenerate
+                    if improved:
+                        self.best, self.best_epoch = record["val_dice"], self.epoch
+                record["time_s"] = time.perf_counter() - t0
                 self.history.append(record)
                 if improved:
                     self.save("best.pt")
                 self.save("latest.pt")
                 self._log(record, writer)
+                self._print_epoch(record, improved)
         if writer is not None:
             writer.close()
         barrier(self.dist)
-        return {"best_val_dice": self.best, "epochs": self.epoch, "steps": self.global_step,
-                "run_dir": str(self.run_dir)}
+        return {"best_val_dice": self.best, "best_epoch": self.best_epoch, "val_scope": self.val_scope,
+                "epochs": self.epoch, "steps": self.global_step, "run_dir": str(self.run_dir),
+                "wall_s": time.perf_counter() - t_fit}
+
+    @property
+    def val_scope(self) -> str:
+        """What validation scores: whole volumes (every slice cached) or only the labelled slices (paper 1)."""
+        return "labelled-slice" if self.pp.only_labelled_slices else "volume"
+
+    def _say(self, line: str) -> None:
+        """A line for the person at the console (main process only; silent under ``train --json``)."""
+        if self.console and self.dist.is_main:
+            print(line, flush=True)
+
+    def _print_epoch(self, record: dict[str, Any], improved: bool) -> None:
+        """One line per epoch for a person (the progress bar disappears when the epoch ends)."""
+        if not (self.console and self.dist.is_main):
+            return
+        parts = [f"epoch {record['epoch']}/{self.cfg.epochs}", f"train loss {record['train_loss']:.4f}"]
+        if "val_dice" in record:
+            val = f"val {self.val_scope} Dice {record['val_dice']:.4f}"
+            if improved:
+                val += " (best)"
+            elif record.get("degenerate"):
+                val += " (degenerate prediction: not eligible for best.pt)"
+            parts.append(val)
+        parts.append(f"{record['time_s']:.1f} s")
+        print(", ".join(parts), flush=True)
 
     def _check_gradients(self, loss: float) -> None:
         grads = [p.grad for p in self.loss_module.parameters() if p.grad is not None]
@@ -511,7 +592,7 @@ class Trainer:
                     lambda p: predict_probabilities(self.network, images, p, modality=None if self.paired else k),
                     target=target, num_classes=self.meta.num_classes)
                 self.network.train()
-                print(line, flush=True)
+                self._say(line)
                 label = [chosen.label]
         if self.dist.enabled:
             import torch.distributed as tdist
@@ -521,15 +602,30 @@ class Trainer:
             self.precision = Precision.from_label(self.device, label[0])
 
     def validate(self) -> float:
-        """Mean foreground Dice per validation patient (slices stacked), averaged (over modalities if unpaired)."""
+        """Mean foreground Dice per validation patient (slices stacked), averaged (over modalities if unpaired).
+
+        With the default preset every slice of a validation case is cached, so this is the volume Dice; with the
+        paper presets it is the Dice of the labelled slices (:attr:`val_scope`). Sets
+        ``last_validation_degenerate`` when every case is predicted empty (while some has foreground) or all
+        foreground: such an epoch never becomes ``best.pt``.
+        """
+        self.last_validation_degenerate = False
         if not self.dist.is_main:
             return float("nan")
         preds = self.predict_split()
         scores = []
+        empty, full, any_foreground = [], [], False
         for key, (pred, target, groups) in preds.items():
             del key
             per_patient = foreground_dice_per_group(pred, target, groups, self.meta.num_classes)
             scores.extend(per_patient.values())
+            groups_arr = np.asarray(groups)
+            for g in per_patient:
+                p = pred[groups_arr == g]
+                empty.append(not (p > 0).any())
+                full.append(bool((p > 0).all()))
+            any_foreground = any_foreground or bool((target > 0).any())
+        self.last_validation_degenerate = bool(empty) and ((all(empty) and any_foreground) or all(full))
         return float(np.mean(scores)) if scores else float("nan")
 
     def predict_split(self, which: str = "val") -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
@@ -580,7 +676,7 @@ class Trainer:
                 if key not in {"epoch", "step"}:
                     writer.add_scalar(key, value, record["epoch"])
             writer.flush()
-        columns = ["epoch", "step", "train_loss", "val_dice", "lr", "img_per_s"]
+        columns = ["epoch", "step", "train_loss", "val_dice", "degenerate", "lr", "img_per_s", "time_s"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         w.writeheader()

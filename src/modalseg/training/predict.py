@@ -11,9 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
-from modalseg.data.io import is_supported, read_volume, strip_extension, write_volume
+from modalseg.data.geometry import onto_grid, to_canonical
+from modalseg.data.io import (
+    ImageRef,
+    dicom_series,
+    header_shape,
+    is_dicom_series,
+    is_supported,
+    output_ending_for,
+    read_volume,
+    strip_extension,
+    write_volume,
+)
 from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restore_volume
 from modalseg.data.types import Volume
 from modalseg.data.verify import geometry_problems, intensity_problems
@@ -33,34 +45,91 @@ class LoadedModel:
     network: nn.Module
     meta: ModelMeta
     path: Path
+    precision: Precision | None = None
+    #: epochs completed when the checkpoint was written, and the best validation score so far (if recorded)
+    epoch: int | None = None
+    best_score: float | None = None
+
+    def describe(self) -> str:
+        """``runs/x/fold_0/best.pt (epoch 12, best validation Dice 0.8123)``: what predict says it loads."""
+        facts = [f"epoch {self.epoch}" if self.epoch is not None else "epoch unknown"]
+        if self.best_score is not None and np.isfinite(self.best_score):
+            facts.append(f"best validation Dice {self.best_score:.4f}")
+        return f"{self.path} ({', '.join(facts)})"
 
 
-def find_checkpoints(path: str | Path) -> list[Path]:
-    """A checkpoint file, a fold folder (best.pt, else latest.pt) or a run folder (all its fold_* folders)."""
+def _int_or_none(value: object) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float_or_none(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _choose_inference_precision(
+    network: nn.Module, meta: ModelMeta, device: str | torch.device, batch_size: int
+) -> Precision:
+    """``--precision auto``: the fastest measured mode for this network at its input size (one printed line)."""
+    from modalseg.training.precision_probe import choose_precision
+
+    pp = meta.preprocess
+    size = pp.get("target_size") or pp.get("crop_size") or [256, 256]
+    channels = meta.in_channels * (len(meta.modalities) if meta.kind == "paired" else 1)
+    kwargs = None if meta.kind == "paired" else {"modality": 0}
+    chosen, line = choose_precision(network, (batch_size, channels, int(size[0]), int(size[1])),
+                                    torch.device(device),
+                                    "infer", model_name=meta.model, forward_kwargs=kwargs)
+    print(line, flush=True)
+    return chosen
+
+
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+def find_checkpoints(path: str | Path, which: str = "best") -> list[Path]:
+    """A checkpoint file, a fold folder or a run folder (its ``fold_<K>`` folders; ``fold_all`` when it has none).
+
+    ``which="best"`` takes ``best.pt`` and falls back to ``latest.pt`` where a fold has no best (its validation
+    never produced a usable score); ``which="latest"`` takes ``latest.pt`` (the final weights, nnU-Net's choice).
+    """
+    if which not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"--checkpoint must be best or latest, got {which!r}")
+    names = ("best.pt", "latest.pt") if which == "best" else ("latest.pt",)
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise CheckpointError("no such checkpoint or run folder", path)
-    for name in ("best.pt", "latest.pt"):
+    for name in names:
         if (path / name).is_file():
             return [path / name]
+    folds = sorted((p for p in path.glob("fold_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    if not folds and (path / "fold_all").is_dir():
+        folds = [path / "fold_all"]
     found = []
-    for fold in sorted(path.glob("fold_*")):
-        for name in ("best.pt", "latest.pt"):
+    for fold in folds:
+        for name in names:
             if (fold / name).is_file():
                 found.append(fold / name)
                 break
     if not found:
-        raise CheckpointError("no checkpoint (best.pt / latest.pt / fold_*/) found", path)
+        raise CheckpointError(f"no checkpoint ({' / '.join(names)} in this folder or its fold_*/) found", path)
     return found
 
 
-def load_models(paths: Sequence[str | Path], precision: Precision) -> list[LoadedModel]:
-    """Load every checkpoint found under ``paths``; all must describe the same kind of model."""
+def load_models(
+    paths: Sequence[str | Path], precision: Precision | None, *, device: str | torch.device = "cpu",
+    batch_size: int = 8, which: str = "best",
+) -> list[LoadedModel]:
+    """Load every checkpoint found under ``paths``; all must describe the same kind of model.
+
+    ``precision=None`` means ``auto``: the modes are timed on the first network as it will run (weights
+    loaded, BN folded) on a batch of ``batch_size`` slices of its input size (training/precision_probe.py), the
+    choice is printed in one line and used for every model (``models[0].precision``).
+    """
     models: list[LoadedModel] = []
     for p in paths:
-        for ckpt in find_checkpoints(p):
+        for ckpt in find_checkpoints(p, which):
             state = load_checkpoint(ckpt)
             if "meta" not in state or "model_state" not in state:
                 raise CheckpointError("checkpoint has no model description (meta)", ckpt)
@@ -79,8 +148,11 @@ def load_models(paths: Sequence[str | Path], precision: Precision) -> list[Loade
             check_finite_weights(state["model_state"], ckpt)
             load_model_state(network, state["model_state"], ckpt)
             fold_batch_norm(network)  # inference only: conv + eval-mode BN = one conv (models/fold.py)
+            if precision is None:
+                precision = _choose_inference_precision(network, meta, device, batch_size)
             network = precision.prepare_model(network).eval()
-            models.append(LoadedModel(network, meta, ckpt))
+            models.append(LoadedModel(network, meta, ckpt, precision, _int_or_none(state.get("epoch")),
+                                      _float_or_none(state.get("best"))))
     first = models[0].meta
     for m in models[1:]:
         if (m.meta.labels, m.meta.modalities, m.meta.preprocess) != (first.labels, first.modalities, first.preprocess):
@@ -112,35 +184,84 @@ def _one_file_per_case(files: Sequence[Path], key) -> dict[str, Path]:
 
 
 def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[Path]]:
-    """Group input files into cases, each a list of files in ``meta.modalities`` order.
+    """Group inputs into cases, each a list of images in ``meta.modalities`` order.
 
-    Accepted: a folder of nnU-Net-named files (``CASE_0000.nii.gz`` ...; channel k = the training dataset's
-    k-th channel); a folder holding ``<modality>.nii.gz`` files (one case, named after the folder); or
-    explicit files given in modality order (one case, named after the first file).
+    Accepted: a folder of nnU-Net-named files (``CASE_0000.nii.gz`` ...; channel k = the training dataset's k-th
+    channel) or of 4D files (``BRATS_001.nii.gz``, one per case, channel k likewise); a folder holding one image per
+    modality, ``<modality>.<ext>`` files or ``<modality>/`` DICOM series folders (one case, named after the folder;
+    names case-insensitive); a folder of such case folders (the folder layout's root: one case per sub-folder); a
+    folder holding the DICOM series of every modality (chosen by SeriesDescription); or explicit files / DICOM
+    folders of one case, put in modality order by their names (``_NNNN`` channel index or a modality name) where
+    these say it, else taken in the order given (one printed line says which is which). A 4D file given alone is
+    one case whose channels are the modalities. 4D channels and DICOM series are :class:`ImageRef` paths.
     """
-    paths = [Path(p) for p in inputs]
+    paths = [p if isinstance(p, Path) else Path(p) for p in inputs]
     for p in paths:
         if not p.exists():
             raise DataError("input not found", p)
-    channel_names = meta.channel_names or meta.modalities
+    channel_names = list(meta.channel_names or meta.modalities)
     # file channel index of each modality the model reads (unpaired models read one image)
     needed = [channel_names.index(m) for m in meta.modalities] if meta.kind == "paired" else [0]
     if len(paths) == 1 and paths[0].is_dir():
-        folder = paths[0]
-        files = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and is_supported(f))
-        by_modality = _one_file_per_case(files, lambda f: strip_extension(f.name))
-        if meta.kind == "paired" and all(m in by_modality for m in meta.modalities):
-            return {folder.name: [by_modality[m] for m in meta.modalities]}
-        cases: dict[str, dict[int, Path]] = {}
-        for stem, f in by_modality.items():
-            match = _CHANNEL_RE.match(stem)
-            if match:
-                cases.setdefault(match.group(1), {})[int(match.group(2))] = f
-        if not cases:
-            raise DataError(
-                "no input images found (expected CASE_0000.nii.gz-style files or <modality>.nii.gz files)", folder
-            )
-        result = {}
+        cases = _cases_in_folder(paths[0], meta, channel_names, needed)
+        if cases is not None:
+            return cases
+    return _explicit_case(paths, meta, channel_names, needed)
+
+
+def _listing(folder: Path, limit: int = 8) -> str:
+    """What a folder holds, for messages: ``a.nii.gz, T1C/, ...`` (hidden entries left out)."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if not p.name.startswith("."))
+    if not names:
+        return "nothing"
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _entries(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files of a supported format, sub-folders) of ``folder``, hidden entries left out."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    return [p for p in entries if p.is_file() and is_supported(p)], [p for p in entries if p.is_dir()]
+
+
+def _modality_inputs(folder: Path, modalities: Sequence[str]) -> dict[str, Path]:
+    """Modality -> its image in ``folder``: a file ``<modality>.<ext>`` or a DICOM folder ``<modality>/`` (an
+    :class:`ImageRef` whose series is that modality), names compared case-insensitively; two for one are refused."""
+    files, dirs = _entries(folder)
+    found: dict[str, Path] = {}
+    for m in modalities:
+        key = m.casefold()
+        hits = [f for f in files if strip_extension(f.name).casefold() == key]
+        hits += [d for d in dirs if d.name.casefold() == key]
+        if len(hits) > 1:
+            raise DataError(f"two inputs for modality {m}: {hits[0].name} and {hits[1].name}; keep one", folder)
+        if hits:
+            found[m] = ImageRef.make(hits[0], series=m) if hits[0].is_dir() else hits[0]
+    return found
+
+
+def _cases_in_folder(
+    folder: Path, meta: ModelMeta, channel_names: Sequence[str], needed: Sequence[int]
+) -> dict[str, list[Path]] | None:
+    """The cases of a folder given alone; ``None`` when the folder is itself one DICOM input."""
+    paired = meta.kind == "paired"
+    mods = ", ".join(meta.modalities)
+    files, dirs = _entries(folder)
+    found = _modality_inputs(folder, meta.modalities) if paired else {}
+    if paired and len(found) == len(meta.modalities):
+        return {folder.name: [found[m] for m in meta.modalities]}
+    by_stem = _one_file_per_case(files, lambda f: strip_extension(f.name))
+    cases: dict[str, dict[int, Path]] = {}
+    four_d: dict[str, Path] = {}
+    for stem, f in by_stem.items():
+        match = _CHANNEL_RE.match(stem)
+        if match:
+            cases.setdefault(match.group(1), {})[int(match.group(2))] = f
+        elif len(channel_names) > 1 and f not in found.values():
+            shape = header_shape(f)
+            if shape is not None and len(shape) == 4 and shape[3] == len(channel_names):
+                four_d[stem] = f
+    if cases or four_d:
+        result: dict[str, list[Path]] = {}
         for case, channels in sorted(cases.items()):
             missing = [k for k in needed if k not in channels]
             if missing:
@@ -148,34 +269,192 @@ def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[
                 name = channel_names[k] if k < len(channel_names) else f"channel {k}"
                 raise DataError(f"case {case}: missing modality {name} (expected {case}_{k:04d} file)", folder)
             result[case] = [channels[k] for k in needed]
-        return result
+        for case, f in sorted(four_d.items()):
+            if case in result:
+                raise DataError(f"two inputs for case {case}: a 4D file and {case}_NNNN files; keep one", f)
+            result[case] = [ImageRef.make(f, channel=k) for k in needed]
+        return dict(sorted(result.items()))
+    if not files and is_dicom_series(folder):  # the folder is one DICOM input (maybe every modality's series)
+        return None
+    if paired and not found and dirs:
+        # a folder of case folders (the folder layout's root): each sub-folder holding every modality is a case
+        result = {}
+        for d in dirs:
+            got = _modality_inputs(d, meta.modalities)
+            if len(got) == len(meta.modalities):
+                result[d.name] = [got[m] for m in meta.modalities]
+            elif got:
+                missing = ", ".join(m for m in meta.modalities if m not in got)
+                raise DataError(f"case {d.name}: missing modality {missing} (expected one image per modality "
+                                f"({mods}) as <modality>.nii.gz-style files or DICOM folders; found {_listing(d)})", d)
+        if result:
+            return result
+    if found:
+        missing = ", ".join(m for m in meta.modalities if m not in found)
+        raise DataError(f"missing modality {missing} (expected one image per modality ({mods}) as <modality>.nii.gz-"
+                        f"style files or <modality>/ DICOM folders, names case-insensitive; found {_listing(folder)})",
+                        folder)
+    raise DataError(
+        f"no input images found (expected CASE_0000.nii.gz-style files, one 4D file per case, <modality>.nii.gz-style "
+        f"files or <modality>/ DICOM folders ({mods}), one folder per case holding those, or a folder holding DICOM "
+        f"series; found {_listing(folder)})",
+        folder,
+    )
+
+
+def _explicit_case(
+    paths: list[Path], meta: ModelMeta, channel_names: Sequence[str], needed: Sequence[int]
+) -> dict[str, list[Path]]:
+    """One case from explicitly given files or DICOM folders (or one 4D file, or one folder of DICOM series)."""
     expected = len(needed)
-    if len(paths) != expected:
+    mods = ", ".join(meta.modalities)
+    for p in paths:
+        if p.is_dir() and not is_dicom_series(p):
+            raise DataError("a folder with no DICOM files in it, given with other inputs (give image files or DICOM "
+                            "series folders, or one folder of cases alone)", p)
+    shapes = {i: header_shape(p) for i, p in enumerate(paths) if getattr(p, "channel", None) is None}
+    four_d = {i: s for i, s in shapes.items() if s is not None and len(s) == 4}
+    if len(paths) == 1 and four_d:
+        f, shape = paths[0], four_d[0]
+        if shape[3] != len(channel_names):
+            raise DataError(f"4D image (shape {shape}) with {shape[3]} channels, but the model's dataset has "
+                            f"{len(channel_names)} ({', '.join(channel_names)})", f)
+        refs: list[Path] = [ImageRef.make(f, channel=k) for k in needed]
+        taken = ", ".join(f"{k} as {channel_names[k]}" for k in needed)
+        print(f"{f.name}: 4D image with {shape[3]} channels; channel {taken}", flush=True)
+        return {explicit_case_name(refs, needed): refs}
+    if four_d:
+        i, shape = next(iter(four_d.items()))
         raise DataError(
-            f"the model needs {expected} file(s), one per modality ({', '.join(meta.modalities)}); got {len(paths)}",
-            paths[0],
+            f"4D image (shape {shape}) with {shape[3]} channels, given as one of {len(paths)} inputs where the model "
+            f"reads {expected} separate images, one per modality ({mods}); pass a 4D file alone to use its channels "
+            "as the modalities",
+            paths[i],
         )
-    return {explicit_case_name(paths, needed): paths}
+    if len(paths) == 1 and paths[0].is_dir() and meta.kind == "paired" and expected > 1:
+        folder = paths[0]
+        series = dicom_series(folder)
+        if len(series) < expected:
+            raise DataError(
+                f"{len(series)} DICOM series in this folder, but the model reads {expected} ({mods}); put each "
+                "modality's series in a folder named after it and give those folders (or the folder holding them)",
+                folder,
+            )
+        return {folder.name: [ImageRef.make(folder, series=m) for m in meta.modalities]}
+    if len(paths) != expected:
+        raise DataError(f"the model needs {expected} file(s), one per modality ({mods}); got {len(paths)}", paths[0])
+    ordered, note = order_inputs(paths, meta)
+    if note:
+        print(note, flush=True)
+    if meta.kind == "paired":  # a DICOM folder's series is chosen by its modality's name when it holds several
+        ordered = [ImageRef.make(p, series=m) if p.is_dir() and not getattr(p, "series", None) else p
+                   for p, m in zip(ordered, meta.modalities, strict=True)]
+    return {explicit_case_name(ordered, needed, meta.modalities): ordered}
 
 
-def explicit_case_name(paths: Sequence[Path], needed: Sequence[int]) -> str:
-    """The case name of explicitly given files: the first file's name without its extension, and without a
+def _input_stem(path: Path) -> str:
+    return path.name if path.is_dir() else strip_extension(path.name)
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.split(r"[^0-9a-z]+", text.casefold()) if w]
+
+
+def named_modalities(path: Path, names: Sequence[str]) -> list[str]:
+    """The modality names that a file or folder name contains as whole words, case-insensitively (``t2w.nii.gz``,
+    ``case_T1C.nrrd``, ``T1C/``; ``T1`` is not in ``T1C``). A name inside a longer one found too (``T1`` in
+    ``T1_post`` beside ``T1 post``) is dropped."""
+    words = _words(_input_stem(path))
+    found = []
+    for name in names:
+        w = _words(name)
+        if w and any(words[i : i + len(w)] == w for i in range(len(words) - len(w) + 1)):
+            found.append((name, w))
+    return [n for n, w in found if not any(len(o) > len(w) and " ".join(w) in " ".join(o) for _, o in found)]
+
+
+def order_inputs(paths: Sequence[Path], meta: ModelMeta) -> tuple[list[Path], str | None]:
+    """Explicit inputs in the model's modality order, by what their names say, and a line to print (or ``None``).
+
+    A name says which modality it is by an nnU-Net channel index (``CASE_0001``; used only when every input has one
+    naming a channel of the model's dataset) or by a modality name as a word (:func:`named_modalities`). Inputs
+    whose names say nothing fill the remaining places in the order given. Refused: a name naming two modalities,
+    index and name disagreeing, a modality the model does not read, two inputs for one modality.
+    """
+    paths = list(paths)
+    if meta.kind != "paired" or len(paths) < 2:
+        return paths, None
+    channel_names = list(meta.channel_names or meta.modalities)
+    wanted = list(meta.modalities)
+    given = ", ".join(p.name for p in paths)
+    indices: list[int] = []
+    for p in paths:
+        match = _CHANNEL_RE.match(_input_stem(p))
+        if not match or int(match.group(2)) >= len(channel_names):
+            indices = []
+            break
+        indices.append(int(match.group(2)))
+    owner: dict[str, Path] = {}
+    claims: list[str | None] = []
+    for k, p in enumerate(paths):
+        named = named_modalities(p, channel_names)
+        if len(named) > 1:
+            raise DataError(f"the name names {len(named)} modalities ({', '.join(named)}); expected one image per "
+                            f"modality ({', '.join(wanted)}), given {given}", p)
+        by_index = channel_names[indices[k]] if indices else None
+        ref_channel = getattr(p, "channel", None)  # an ImageRef to one channel of a 4D file says it itself
+        if ref_channel is not None and 0 <= ref_channel < len(channel_names):
+            by_index = channel_names[ref_channel]
+        claim = by_index or (named[0] if named else None)
+        if by_index and named and named[0] != by_index:
+            raise DataError(f"the name says {named[0]} but its channel index _{indices[k]:04d} is {by_index}", p)
+        if claim is not None and claim not in wanted:
+            raise DataError(f"the name says {claim}, which this model does not read (it reads {', '.join(wanted)}); "
+                            f"given {given}", p)
+        if claim is not None and claim in owner:
+            raise DataError(f"two inputs for modality {claim}: {owner[claim].name} and {p.name}; expected one image "
+                            f"per modality ({', '.join(wanted)}), given {given}", p)
+        if claim is not None:
+            owner[claim] = p
+        claims.append(claim)
+    free = [p for p, c in zip(paths, claims, strict=True) if c is None]
+    ordered = [owner[m] if m in owner else free.pop(0) for m in wanted]
+    pairs = ", ".join(f"{p.name} as {m}" for p, m in zip(ordered, wanted, strict=True))
+    if not owner:
+        return ordered, f"taking {pairs} (the order given: no input name says its modality)"
+    if len(owner) < len(wanted):
+        named_ones = ", ".join(owner[m].name for m in wanted if m in owner)
+        return ordered, f"taking {pairs} ({named_ones} by name, the others in the order given)"
+    if any(a is not b for a, b in zip(ordered, paths, strict=True)):  # identity: channels of one 4D file are equal
+        return ordered, f"reordered by name: taking {pairs}"
+    return ordered, None
+
+
+def explicit_case_name(paths: Sequence[Path], needed: Sequence[int], modalities: Sequence[str] = ()) -> str:
+    """The case name of explicitly given inputs: the first file's name without its extension, and without a
     ``_NNNN`` channel suffix only where nnU-Net naming is in use, i.e. every file is ``CASE_NNNN`` with one CASE
-    and the indices are the channels the model reads (``patient7_0301.nrrd`` stays ``patient7_0301``)."""
-    stems = [strip_extension(p.name) for p in paths]
+    and the indices are the channels the model reads (``patient7_0301.nrrd`` stays ``patient7_0301``). DICOM folders
+    named exactly after the ``modalities`` (``STUDY/T1C/ STUDY/T2W/``) are named after the folder holding them, as
+    ``--input STUDY/`` is; explicit files keep the first file's name (``t1c.nii.gz`` -> ``t1c``)."""
+    stems = [_input_stem(p) for p in paths]
     matches = [_CHANNEL_RE.match(s) for s in stems]
     if all(matches) and len({m.group(1) for m in matches}) == 1 and [int(m.group(2)) for m in matches] == list(needed):
         return matches[0].group(1)
+    parents = {Path(p).absolute().parent for p in paths}
+    named = [s.casefold() for s in stems] == [m.casefold() for m in modalities]
+    if modalities and named and len(parents) == 1 and next(iter(parents)).name and all(p.is_dir() for p in paths):
+        return next(iter(parents)).name
     return stems[0]
 
 
-def _check_inputs(volumes: Sequence[Volume], names: Sequence[str], tol: float = 1e-3) -> None:
-    """Refuse what ``modalseg verify`` refuses: NaN/inf or constant images, and modalities whose shape,
-    spacing (relative ``tol``) or orientation (direction cosines, absolute ``tol``) differ from the first."""
+def _check_inputs(volumes: Sequence[Volume], names: Sequence[str], tol: float = 1e-3, *, strict: bool = False) -> None:
+    """Refuse what ``modalseg verify`` refuses: NaN/inf or constant images and, with ``strict``, modalities whose
+    shape, spacing (relative ``tol``) or orientation (direction cosines, absolute ``tol``) differ from the first
+    (without ``strict`` :func:`predict_case` puts them on the first one's grid instead)."""
     ref = volumes[0]
     for i, v in enumerate(volumes):
         problems = intensity_problems(v)
-        if i:
+        if i and strict:
             name = names[i] if i < len(names) else f"modality {i}"
             problems = geometry_problems(v, ref, name, names[0], spacing_tol=tol, direction_tol=tol) + problems
         if problems:
@@ -189,13 +468,33 @@ def predict_case(
     *,
     modality: str | None = None,
     batch_size: int = 8,
+    strict: bool = False,
+    case: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Volume]:
-    """Return (label volume in file label values, probabilities (C, X, Y, Z), reference volume)."""
+    """Return (label volume in file label values, probabilities (C, X, Y, Z), reference volume).
+
+    Assistant modalities are put on the first file's grid (one printed line each, naming ``case``; ``strict``
+    refuses instead), the volumes are sliced in the canonical (closest to RAS) voxel order as in training, and the
+    outputs are mapped back to the first file's own voxel order, so they fit its geometry exactly.
+    """
     meta = models[0].meta
     volumes = [read_volume(f) for f in files]
-    _check_inputs(volumes, list(meta.modalities) if meta.kind == "paired" else [modality or "image"])
+    names = list(meta.modalities) if meta.kind == "paired" else [modality or "image"]
+    _check_inputs(volumes, names, strict=strict)
+    if case is None:  # as find_cases names explicitly given files
+        needed = [(meta.channel_names or meta.modalities).index(m) for m in meta.modalities] if meta.kind == "paired" \
+            else [0]
+        case = explicit_case_name([Path(f) for f in files], needed)
+    aligned = [volumes[0]]
+    for i, vol in enumerate(volumes[1:], start=1):
+        name = names[i] if i < len(names) else f"modality {i}"
+        vol, note = onto_grid(vol, volumes[0], name=name, ref_name=names[0], strict=strict, case=case)
+        if note:
+            print(note, flush=True)
+        aligned.append(vol)
+    canonical, reo = to_canonical(volumes[0])
     pp = PreprocessConfig.from_dict(meta.preprocess)
-    images = np.stack([v.array for v in volumes], axis=0)
+    images = reo.apply(np.stack([v.array for v in aligned], axis=0))
     if meta.kind == "paired":
         names = meta.channel_names or meta.modalities
         channels = [names.index(m) for m in meta.modalities]
@@ -210,7 +509,7 @@ def predict_case(
             raise DataError(f"modality {modality!r} is not one of the model's {meta.modalities}", files[0])
         channels = None
         mod_index = meta.modalities.index(modality)
-    slices = preprocess_volume(images, None, pp, spacing=volumes[0].spacing, channels=channels, all_slices=True)
+    slices = preprocess_volume(images, None, pp, spacing=canonical.spacing, channels=channels, all_slices=True)
     batch = np.stack([s.image for s in slices], axis=0)
     probs = ensemble_probabilities(
         [predict_probabilities(m.network, batch, precision, batch_size=batch_size, modality=mod_index) for m in models]
@@ -220,17 +519,27 @@ def predict_case(
             f"the model produced {int((~np.isfinite(probs)).sum())} non-finite (NaN/inf) probabilities for this "
             "case; nothing was written", files[0])
     restored = restore_volume(list(probs), [s.geometry for s in slices], pp.slice_axis, is_label=False)
+    restored = reo.invert(restored)  # back to the input file's voxel order: written with volumes[0]'s geometry
     class_index = restored.argmax(axis=0)
     values = np.asarray(list(meta.labels.values()))
     labels = values[class_index]
     return labels, restored.astype(np.float32), volumes[0]
 
 
+def output_ending(files: Sequence[Path], file_ending: str | None = None) -> str:
+    """The file ending of a case's outputs: ``file_ending`` when given (``--file-ending``), else the format of the
+    case's first input (``.nrrd`` gives ``.nrrd``; DICOM gives ``.nii.gz``)."""
+    return file_ending if file_ending else output_ending_for(files[0])
+
+
 def write_prediction(
     out_dir: Path, case: str, labels: np.ndarray, probs: np.ndarray | None, reference: Volume, class_names: list[str],
-    file_ending: str = ".nii.gz",
+    file_ending: str | None = None,
 ) -> list[Path]:
-    """Write ``CASE.nii.gz`` (labels) and optionally ``CASE_prob_<class>.nii.gz`` with the input's geometry."""
+    """Write ``CASE<ending>`` (labels) and optionally ``CASE_prob_<class><ending>`` with the input's geometry (and
+    its dimensionality: a 2D input gives 2D files). ``file_ending=None``: the reference's own format."""
+    if file_ending is None:
+        file_ending = output_ending_for(reference.path) if reference.path is not None else ".nii.gz"
     paths = output_paths(out_dir, case, class_names if probs is not None else None, file_ending)
     # dtype=None: the smallest type that holds every label value (uint8, int16, int32), never a wrapped one.
     write_volume(paths[0], np.asarray(labels), reference)

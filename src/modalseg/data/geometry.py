@@ -1,0 +1,303 @@
+"""Voxel orientation and grids: one canonical voxel order for slicing, and every modality (and label) on its
+master's grid.
+
+Why: the networks are 2D and slice along an *array* axis (``PreprocessConfig.slice_axis``). Files store the
+same anatomy in any voxel order (RAS NIfTI, LPS NRRD, a sagittally stored series, a z-flipped DICOM read), so
+slicing the stored array would cut different planes, flipped or transposed, for the same anatomy. Hence:
+
+* **Canonical orientation** (:func:`to_canonical`): every volume is brought to the voxel order closest to RAS
+  (nibabel's ``as_closest_canonical``: array axis 0 runs towards Right, 1 towards Anterior, 2 towards Superior)
+  by an axis permutation and flips only -- no interpolation, every voxel value is kept. Axis 2 of the
+  canonical array is then the axial axis, 1 the coronal one, 0 the sagittal one, for every file. For a file
+  already in that order it is the identity and the very same :class:`Volume` is returned. The canonical
+  Volume's affine maps the reoriented indices to the same world points, so its ``spacing`` follows the
+  permutation (Hausdorff distances, pixel sizes and slice thicknesses stay in the right mm).
+  :class:`Reorientation` maps arrays (also with leading channel axes) there and back, so predictions return to
+  the input file's own voxel order exactly.
+* **One grid per case** (:func:`onto_grid`): an assistant modality (or a label) whose shape, spacing or
+  orientation differs from its master's (beyond the tolerances of :func:`modalseg.data.verify.geometry_problems`)
+  is put on the master's grid by physical (world) coordinates: by a pure reorientation when both are the same
+  grid in another voxel order, else resampled with SimpleITK, linear for images and nearest neighbour for
+  labels. Points of the master's grid outside the other volume's extent are filled with that volume's minimum
+  (images) or with background (labels). A volume that covers no part of the master's field of view is refused;
+  ``strict=True`` refuses any difference, as before resampling existed. Geometry that already agrees takes a
+  fast path: nothing is resampled and the array is returned untouched (origins of modalities are not compared
+  on that path, as before: registration is the user's job).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from modalseg.data.types import Volume
+from modalseg.errors import DataError
+
+#: Axis codes of the canonical voxel order (see the module docstring).
+CANONICAL = "RAS"
+#: Anatomical plane of the slices taken along each canonical axis.
+PLANES = ("sagittal", "coronal", "axial")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def axcodes(affine: np.ndarray) -> str:
+    """Axis codes of a voxel-to-RAS affine, e.g. ``"LPS"`` (nibabel's nearest-axis convention)."""
+    from nibabel.orientations import aff2axcodes
+
+    return "".join(str(c) for c in aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+# ------------------------------------------------------------------------------------------------ orientation
+@dataclass(frozen=True)
+class Reorientation:
+    """The permutation/flip from a file's voxel order to the canonical one (and back).
+
+    ``perm[i]`` is the canonical axis of stored axis ``i``; ``flips[i]`` whether stored axis ``i`` is reversed.
+    Arrays may carry leading axes (channels, classes): only the last three are moved.
+    """
+
+    perm: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]
+    file_shape: tuple[int, int, int]
+    file_codes: str = CANONICAL
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flips)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        shape = [0, 0, 0]
+        for i, j in enumerate(self.perm):
+            shape[j] = self.file_shape[i]
+        return tuple(shape)  # type: ignore[return-value]
+
+    def stored_axis(self, canonical_axis: int) -> int:
+        """The stored array axis that becomes ``canonical_axis`` (e.g. which stored axis is sliced)."""
+        return self.perm.index(int(canonical_axis))
+
+    def _check(self, array: np.ndarray, shape: tuple[int, int, int], what: str) -> int:
+        lead = array.ndim - 3
+        if lead < 0 or tuple(array.shape[lead:]) != tuple(shape):
+            raise ValueError(f"{what} array of shape {array.shape} does not end with {shape}")
+        return lead
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Stored voxel order -> canonical voxel order (the array itself when the identity)."""
+        arr = np.asarray(array)
+        lead = self._check(arr, self.file_shape, "stored")
+        if self.is_identity:
+            return arr
+        index = [slice(None)] * arr.ndim
+        for i, flip in enumerate(self.flips):
+            if flip:
+                index[lead + i] = slice(None, None, -1)
+        inverse = np.argsort(self.perm)
+        axes = [*range(lead), *(lead + int(inverse[j]) for j in range(3))]
+        return np.ascontiguousarray(np.transpose(arr[tuple(index)], axes))
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        """Canonical voxel order -> the file's stored voxel order (exact inverse of :meth:`apply`)."""
+        arr = np.asarray(array)
+        lead = self._check(arr, self.canonical_shape, "canonical")
+        if self.is_identity:
+            return arr
+        axes = [*range(lead), *(lead + self.perm[i] for i in range(3))]
+        out = np.transpose(arr, axes)
+        index = [slice(None)] * arr.ndim
+        for i, flip in enumerate(self.flips):
+            if flip:
+                index[lead + i] = slice(None, None, -1)
+        return np.ascontiguousarray(out[tuple(index)])
+
+
+def reorientation_of(volume: Volume) -> Reorientation:
+    """The :class:`Reorientation` that brings ``volume`` to the voxel order closest to RAS."""
+    from nibabel.orientations import io_orientation
+
+    ornt = io_orientation(np.asarray(volume.affine, dtype=np.float64))
+    if not np.isfinite(ornt).all():  # degenerate affines are refused when read; never guess an axis here
+        raise DataError(f"cannot tell the anatomical direction of every voxel axis (affine {volume.affine.tolist()})",
+                        volume.path)
+    perm = tuple(int(v) for v in ornt[:, 0])
+    flips = tuple(bool(v < 0) for v in ornt[:, 1])
+    return Reorientation(perm, flips, tuple(int(s) for s in volume.shape), axcodes(volume.affine))  # type: ignore[arg-type]
+
+
+def to_canonical(volume: Volume) -> tuple[Volume, Reorientation]:
+    """``volume`` in the voxel order closest to RAS (permutation/flips only) and the mapping used.
+
+    The result's affine is correct for the reoriented array (same world point for every voxel), so its
+    ``spacing`` follows the permutation. Its ``meta`` is empty: write outputs with the *input* Volume after
+    :meth:`Reorientation.invert`. A volume already in canonical order is returned as it is.
+    """
+    from nibabel.orientations import inv_ornt_aff
+
+    reo = reorientation_of(volume)
+    if reo.is_identity:
+        return volume, reo
+    ornt = np.column_stack([np.asarray(reo.perm, dtype=float), np.where(reo.flips, -1.0, 1.0)])
+    affine = np.asarray(volume.affine, dtype=np.float64) @ inv_ornt_aff(ornt, volume.shape)
+    return Volume(array=reo.apply(volume.array), affine=affine, path=volume.path, meta={}), reo
+
+
+# ------------------------------------------------------------------------------------------------ resampling
+def _itk_geometry(affine: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """RAS affine -> ITK (LPS) origin, spacing, direction (row-major, unit columns)."""
+    a = np.asarray(affine, dtype=np.float64)
+    lps = _LPS_TO_RAS @ a[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    direction = lps / spacing
+    origin = _LPS_TO_RAS @ a[:3, 3]
+    return [float(v) for v in origin], [float(v) for v in spacing], [float(v) for v in direction.ravel()]
+
+
+def _to_sitk(array: np.ndarray, affine: np.ndarray):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    origin, spacing, direction = _itk_geometry(affine)
+    img.SetOrigin(origin)
+    img.SetSpacing(spacing)
+    img.SetDirection(direction)
+    return img
+
+
+def _resample(array: np.ndarray, affine: np.ndarray, ref: Volume, *, nearest: bool, pixel_type,
+              default: float) -> np.ndarray:
+    """``array`` (on ``affine``'s grid) sampled at every voxel centre of ``ref``; ``default`` outside its extent."""
+    import SimpleITK as sitk
+
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(s) for s in ref.shape])
+    origin, spacing, direction = _itk_geometry(ref.affine)
+    f.SetOutputOrigin(origin)
+    f.SetOutputSpacing(spacing)
+    f.SetOutputDirection(direction)
+    f.SetInterpolator(sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear)
+    f.SetDefaultPixelValue(float(default))
+    f.SetOutputPixelType(pixel_type)
+    out = f.Execute(_to_sitk(array, affine))
+    return np.ascontiguousarray(np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0)))
+
+
+def resample_onto(vol: Volume, ref: Volume, *, kind: str = "image", fill: float | None = None
+                  ) -> tuple[np.ndarray, float]:
+    """``vol``'s data on ``ref``'s grid by world coordinates, and the fraction of ``ref``'s voxels it covers.
+
+    Images: linear interpolation, float32, outside filled with ``fill`` (default: ``vol``'s minimum, i.e.
+    "nothing there" for MR/CT intensities). Labels: nearest neighbour, int32, outside ``fill`` (default 0,
+    background); label values are never mixed.
+    """
+    import SimpleITK as sitk
+
+    if kind not in ("image", "label"):
+        raise ValueError(f"kind must be 'image' or 'label', not {kind!r}")
+    if kind == "label":  # nearest neighbour on int32: values are copied, never mixed
+        out = _resample(np.asarray(vol.array, dtype=np.int32), vol.affine, ref, nearest=True,
+                        pixel_type=sitk.sitkInt32, default=0 if fill is None else fill)
+        return out, grid_coverage(vol, ref)
+    # images: NaN marks the outside (NaN voxels are refused before), then becomes the fill value
+    out = _resample(np.asarray(vol.array, dtype=np.float32), vol.affine, ref, nearest=False,
+                    pixel_type=sitk.sitkFloat32, default=float("nan"))
+    inside = np.isfinite(out)
+    coverage = float(inside.mean()) if out.size else 0.0
+    out[~inside] = float(np.min(vol.array)) if fill is None else fill
+    return out, coverage
+
+
+def grid_coverage(vol: Volume, ref: Volume) -> float:
+    """Fraction of ``ref``'s voxel centres that lie inside ``vol``'s extent (what resampling would fill)."""
+    import SimpleITK as sitk
+
+    ones = np.ones(vol.shape, dtype=np.uint8)
+    out = _resample(ones, vol.affine, ref, nearest=True, pixel_type=sitk.sitkUInt8, default=0)
+    return float(out.mean()) if out.size else 0.0
+
+
+def _dims(values: Sequence[float]) -> str:
+    return "x".join(format(float(v), "g") for v in values)
+
+
+def describe_grids(vol: Volume, ref: Volume) -> str:
+    """``shape 20x20x4 -> 16x16x2, spacing 0.6x0.6x1.5 -> 0.8x0.8x3 mm[, orientation LAS -> RAS]``."""
+    text = (f"shape {_dims(vol.shape)} -> {_dims(ref.shape)}, "
+            f"spacing {_dims(np.round(vol.spacing, 4))} -> {_dims(np.round(ref.spacing, 4))} mm")
+    codes, ref_codes = axcodes(vol.affine), axcodes(ref.affine)
+    if codes != ref_codes:
+        text += f", orientation {codes} -> {ref_codes}"
+    return text
+
+
+def no_overlap_message(name: str, grid: str, ref: Volume) -> str:
+    """The refusal of a volume outside its master's field of view (``grid``: "T1C's", "the image's")."""
+    return f"{name} covers no part of {grid} field of view ({ref.path})"
+
+
+def same_grid_in_other_order(vol: Volume, ref: Volume, *, spacing_tol: float = 1e-3,
+                             direction_tol: float = 1e-3) -> Reorientation | None:
+    """When ``vol`` is ``ref``'s grid stored in another voxel order (e.g. a z-flipped DICOM read), the
+    reorientation of ``ref``: then ``ref_reo.invert(to_canonical(vol)[0].array)`` is ``vol`` on ``ref``'s grid
+    without interpolation. Origins must agree within half a voxel (a flip moves the origin)."""
+    from modalseg.data.verify import ORIGIN_TOL_VOXELS, geometry_problems
+
+    cv, _ = to_canonical(vol)
+    cr, rr = to_canonical(ref)
+    problems = geometry_problems(cv, cr, "", "", spacing_tol=spacing_tol, direction_tol=direction_tol,
+                                 origin_tol_voxels=ORIGIN_TOL_VOXELS)
+    return None if problems else rr
+
+
+def onto_grid(
+    vol: Volume,
+    ref: Volume,
+    *,
+    name: str,
+    ref_name: str,
+    kind: str = "image",
+    strict: bool = False,
+    case: str | None = None,
+    fill: float | None = None,
+    origin_tol_voxels: float | None = None,
+    grid_name: str | None = None,
+    spacing_tol: float = 1e-3,
+    direction_tol: float = 1e-3,
+) -> tuple[Volume, str | None]:
+    """``vol`` on ``ref``'s grid, and one line saying what was done (``None`` on the fast path).
+
+    Fast path (shape, spacing and orientation within the tolerances of ``geometry_problems``): ``vol`` itself.
+    Else, unless ``strict`` (which raises today's refusal): the same grid in another voxel order is reoriented
+    exactly, any other grid is resampled (:func:`resample_onto`). With ``origin_tol_voxels`` (labels), an
+    origin further off on the fast path is refused, as ``modalseg verify`` does. A ``vol`` that covers no part
+    of ``ref`` raises :class:`DataError` (one line naming ``vol``'s file). ``grid_name`` names ``ref``'s grid in
+    the line (default ``"<ref_name>'s"``).
+    """
+    from modalseg.data.verify import geometry_problems
+
+    problems = geometry_problems(vol, ref, name, ref_name, spacing_tol=spacing_tol, direction_tol=direction_tol)
+    if not problems or strict:
+        if origin_tol_voxels is not None:
+            problems = geometry_problems(vol, ref, name, ref_name, spacing_tol=spacing_tol,
+                                         direction_tol=direction_tol, origin_tol_voxels=origin_tol_voxels)
+        if problems:
+            raise DataError(problems[0])
+        return vol, None
+    prefix = f"case {case}: " if case else ""
+    grid = grid_name or f"{ref_name}'s"
+    ref_reo = same_grid_in_other_order(vol, ref, spacing_tol=spacing_tol, direction_tol=direction_tol)
+    if ref_reo is not None:
+        array = ref_reo.invert(to_canonical(vol)[0].array)
+        note = (f"{prefix}{name} reoriented onto {grid} grid (voxel order {axcodes(vol.affine)} -> "
+                f"{axcodes(ref.affine)}, no interpolation)")
+    else:
+        array, coverage = resample_onto(vol, ref, kind=kind, fill=fill)
+        if coverage == 0.0:
+            raise DataError(no_overlap_message(name, grid, ref), vol.path)
+        how = "nearest neighbour" if kind == "label" else "linear"
+        note = f"{prefix}{name} resampled ({how}) onto {grid} grid ({describe_grids(vol, ref)})"
+        if coverage < 1.0:
+            filled = float(fill) if fill is not None else (float(np.min(vol.array)) if kind == "image" else 0.0)
+            note += f"; it covers {100 * coverage:.3g}% of {grid} field of view, the rest is {filled:g}"
+    return Volume(array=array, affine=np.array(ref.affine, dtype=np.float64), path=vol.path, meta={}), note
