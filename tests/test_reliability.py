@@ -48,12 +48,12 @@ def _lab(path: Path, shape=SHAPE, affine=AFF, value=1, dtype=np.uint8) -> Path:
     return _img(path, affine=affine, array=arr)
 
 
-def make_dataset(root: Path, n: int = 4, labels: dict | None = None) -> Path:
+def make_dataset(root: Path, n: int = 4, labels: dict | None = None, affine=AFF) -> Path:
     """A clean paired nnU-Net dataset: channels T1C, T2W; labels background/mass; ``n`` cases c0..c{n-1}."""
     for k in range(n):
-        _img(root / "imagesTr" / f"c{k}_0000.nii.gz", seed=k)
-        _img(root / "imagesTr" / f"c{k}_0001.nii.gz", seed=k + 10)
-        _lab(root / "labelsTr" / f"c{k}.nii.gz")
+        _img(root / "imagesTr" / f"c{k}_0000.nii.gz", seed=k, affine=affine)
+        _img(root / "imagesTr" / f"c{k}_0001.nii.gz", seed=k + 10, affine=affine)
+        _lab(root / "labelsTr" / f"c{k}.nii.gz", affine=affine)
     meta = {
         "channel_names": {"0": "T1C", "1": "T2W"},
         "labels": labels or {"background": 0, "mass": 1},

@@ -9,11 +9,8 @@ as a string, is a number.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 import modalseg.cli.train as cli_train
@@ -21,54 +18,15 @@ import modalseg.training.predict as mpredict
 from modalseg.cli.main import build_parser, main
 from modalseg.errors import ConfigError
 from modalseg.training.config import OptionCheck, TrainConfig, describe_options, load_config
-
+from test_reliability import assert_refused as _assert_refused  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ helpers
-def make_dataset(root: Path, n: int = 4) -> Path:
-    """A clean paired nnU-Net dataset (T1C, T2W; background/mass), 16x16x2 volumes (as in test_reliability)."""
-    rng = np.random.default_rng(0)
-    aff = np.diag([0.8, 0.8, 3.0, 1.0])
-    for sub in ("imagesTr", "labelsTr"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for k in range(n):
-        for c in range(2):
-            img = rng.normal(100, 20, size=(16, 16, 2)).astype(np.float32)
-            nib.save(nib.Nifti1Image(img, aff), str(root / "imagesTr" / f"c{k}_000{c}.nii.gz"))
-        lab = np.zeros((16, 16, 2), np.uint8)
-        lab[4:10, 5:11, :] = 1
-        nib.save(nib.Nifti1Image(lab, aff), str(root / "labelsTr" / f"c{k}.nii.gz"))
-    meta = {"channel_names": {"0": "T1C", "1": "T2W"}, "labels": {"background": 0, "mass": 1},
-            "numTraining": n, "file_ending": ".nii.gz"}
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
-
-
-def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """A tiny, fast ``train`` command line (as in test_reliability)."""
-    return [
-        "train", "--data", str(data), "--output", str(out), "--model", "unet", "--epochs", "1",
-        "--set", "model_options={base_width: 4}", "--set", "preprocess_options={target_size: [16, 16]}",
-        "--set", "precision=fp32", "--set", "progress=false", "--set", "tensorboard=false",
-        "--set", "folds=2", "--set", "num_threads=1", "--set", "batch_size=2", *extra,
-    ]
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, str, list[str]]:
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip().splitlines()
+from test_reliability import make_dataset, run_cli, train_args  # noqa: E402
 
 
 def assert_refused(code: int, err: list[str], *fragments: str) -> str:
     """Exit code 2, exactly one stderr line containing every fragment, no traceback."""
-    assert code == 2, (code, err)
-    assert len(err) == 1, err
-    line = err[0]
-    assert "Traceback" not in line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
+    return _assert_refused(code, err, "", *fragments)
 
 
 @pytest.fixture(scope="module")

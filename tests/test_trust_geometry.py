@@ -16,7 +16,6 @@ written. Volumes are 16x16x2, models tiny (unet, base width 4, one step).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import subprocess
 import sys
@@ -27,7 +26,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from modalseg.cli.main import main
 from modalseg.data.io import read_volume, write_volume
 from modalseg.data.types import Volume
 
@@ -36,19 +34,8 @@ SHAPE = (16, 16, 2)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-# (as in tests/test_reliability.py; tests/ is not a package)
-def _img(path: Path, shape=SHAPE, affine=AFF, seed=0, array=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if array is None:
-        array = np.random.default_rng(seed).normal(100, 20, size=shape).astype(np.float32)
-    nib.save(nib.Nifti1Image(array, affine), str(path))
-    return path
-
-
-def _lab(path: Path, shape=SHAPE, affine=AFF, value=1, dtype=np.uint8) -> Path:
-    arr = np.zeros(shape, dtype)
-    arr[4:10, 5:11, :] = value
-    return _img(path, affine=affine, array=arr)
+from test_reliability import _img, _lab, assert_refused, make_dataset, run_cli  # noqa: E402
+from test_reliability import train_args as _train_args  # noqa: E402
 
 
 def _label_array(value=1) -> np.ndarray:
@@ -57,48 +44,8 @@ def _label_array(value=1) -> np.ndarray:
     return arr
 
 
-def make_dataset(root: Path, n: int = 4, affine=AFF) -> Path:
-    """A clean paired nnU-Net dataset: channels T1C, T2W; labels background/mass; ``n`` cases c0..c{n-1}."""
-    for k in range(n):
-        _img(root / "imagesTr" / f"c{k}_0000.nii.gz", seed=k, affine=affine)
-        _img(root / "imagesTr" / f"c{k}_0001.nii.gz", seed=k + 10, affine=affine)
-        _lab(root / "labelsTr" / f"c{k}.nii.gz", affine=affine)
-    meta = {
-        "channel_names": {"0": "T1C", "1": "T2W"},
-        "labels": {"background": 0, "mass": 1},
-        "numTraining": n,
-        "file_ending": ".nii.gz",
-    }
-    (root / "dataset.json").write_text(json.dumps(meta))
-    return root
-
-
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train", "--data", str(data), "--output", str(out), "--model", "unet", "--epochs", "1",
-        "--set", "model_options={base_width: 4}", "--set", "preprocess_options={target_size: [16, 16]}",
-        "--set", "precision=fp32", "--set", "progress=false", "--set", "tensorboard=false",
-        "--set", "folds=2", "--set", "num_threads=1", "--set", "batch_size=2", "--set", "max_steps=1", *extra,
-    ]
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, str, list[str]]:
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip().splitlines()
-
-
-def assert_refused(code: int, err: list[str], path: Path | str, *fragments: str) -> str:
-    """Exit code 2, exactly one stderr line, naming ``path`` and every fragment of the problem, no traceback."""
-    assert code == 2, (code, err)
-    assert len(err) == 1, err
-    line = err[0]
-    assert "Traceback" not in line
-    assert str(path) in line, line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
+    return _train_args(data, out, "--set", "max_steps=1", *extra)
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -173,6 +173,13 @@ def _unknown_keys(meta: dict, known: Iterable[str], path: Path) -> list[str]:
     return out
 
 
+def _spec_from_json(meta: dict, jpath: Path, known_keys: Iterable[str], *, root: Path, **fields: Any) -> DatasetSpec:
+    """A spec described by a JSON file: its ``name`` (default: the folder's resolved name, never ``..``) and one
+    warning per key nobody reads."""
+    name = meta.get("name") if isinstance(meta.get("name"), str) else root.resolve().name
+    return DatasetSpec(root=root, name=name, warnings=_unknown_keys(meta, known_keys, jpath), **fields)
+
+
 def _check_case_patient(case_patient: dict[str, str], case_ids: Iterable[str], path: Path) -> None:
     """A ``case_patient`` entry naming no case is a typo that would silently leave a patient ungrouped."""
     ids = set(case_ids)
@@ -410,19 +417,9 @@ def _load_nnunet(root: Path, split: str, **options: Any) -> DatasetSpec:
         raise DataError(f"numTraining is {num_training} but imagesTr has {len(cases)} case(s)", jpath)
     if split == "train":
         _check_case_patient(case_patient, (c.case_id for c in cases), jpath)
-    name = meta.get("name") if isinstance(meta.get("name"), str) else root.resolve().name
-    return DatasetSpec(
-        root=root,
-        name=name,
-        modalities=list(modalities),
-        labels=labels,
-        cases=cases,
-        paired=paired,
-        file_ending=ending,
-        layout="nnunet",
-        labels_to_background=to_background,
-        warnings=_unknown_keys(meta, NNUNET_KEYS, jpath),
-    )
+    return _spec_from_json(meta, jpath, NNUNET_KEYS, root=root, modalities=list(modalities), labels=labels,
+                           cases=cases, paired=paired, file_ending=ending, layout="nnunet",
+                           labels_to_background=to_background)
 
 
 def _group_channels(
@@ -599,19 +596,9 @@ def _load_folder(root: Path, split: str, **options: Any) -> DatasetSpec:
         images = folder_images(folder, modalities, ending)
         cases.append(CaseFiles(cid, images, _folder_label(folder, ending), case_patient.get(cid, cid)))
     _check_case_patient(case_patient, (c.case_id for c in cases), jpath)
-    name = meta.get("name") if isinstance(meta.get("name"), str) else root.resolve().name
-    return DatasetSpec(
-        root=root,
-        name=name,
-        modalities=list(modalities),
-        labels=labels,
-        cases=cases,
-        paired=True,
-        file_ending=ending,
-        layout="folder",
-        labels_to_background=to_background,
-        warnings=_unknown_keys(meta, FOLDER_KEYS, jpath),
-    )
+    return _spec_from_json(meta, jpath, FOLDER_KEYS, root=root, modalities=list(modalities), labels=labels,
+                           cases=cases, paired=True, file_ending=ending, layout="folder",
+                           labels_to_background=to_background)
 
 
 def _entries(folder: Path) -> dict[str, list[Path]]:
