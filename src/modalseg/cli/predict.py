@@ -1,4 +1,5 @@
-"""``modalseg predict``: segment NIfTI/NRRD volumes with trained models (several folds are ensembled)."""
+"""``modalseg predict``: segment NIfTI/NRRD volumes or DICOM series with trained models (several folds are ensembled);
+labels are written as images or, with ``--output-format dicom-seg``, as DICOM Segmentations (data/dicom_seg.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
+OUTPUT_FORMATS = ("image", "dicom-seg")
 HELP = "segment volumes (one file per modality) and write label volumes with the input's geometry"
 
 
@@ -31,20 +33,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="slices per forward pass (default 8: fastest measured on 2 CPU cores at 256x256)")
     p.add_argument("--file-ending", default=None,
                    help="output format: .nii.gz, .nii, .nrrd or .mha (default: the input's format; .nii.gz for DICOM)")
+    p.add_argument("--output-format", default="image",
+                   help="image (default): label volumes as --file-ending says; dicom-seg: one DICOM Segmentation per "
+                        "case, CASE.dcm, referring to the DICOM series of the first modality (DICOM inputs only; "
+                        "needs pip install 'modalseg[dicom]'; --probabilities are still written as images)")
 
 
 def run(args: argparse.Namespace) -> int:
     from modalseg.data.io import is_supported
-    from modalseg.errors import OutputError
+    from modalseg.errors import ConfigError, OutputError
     from modalseg.training.config import check_option, cli_int
     from modalseg.training.precision import resolve_device, resolve_precision
     from modalseg.training.predict import (
         check_outputs_spare_inputs,
+        dicom_seg_output_paths,
         find_cases,
         load_models,
         output_ending,
         output_paths,
         predict_case,
+        write_dicom_seg_prediction,
         write_prediction,
     )
     from modalseg.utils.atomic import check_output_folder
@@ -53,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
     check_option("device", args.device, label="--device")
     check_option("precision", args.precision, label="--precision")
     args.batch_size = cli_int("--batch-size", args.batch_size, minimum=1)
+    if args.output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--output-format must be {' or '.join(OUTPUT_FORMATS)}, got {args.output_format!r}")
+    dicom_seg = args.output_format == "dicom-seg"
+    if dicom_seg:
+        from modalseg.data import dicom_seg as dseg
+
+        dseg.require_highdicom()  # before any model is loaded
     check_output_folder(args.output)  # fail before loading models or reading any volume
     if args.file_ending is not None and not is_supported(f"x{args.file_ending}"):
         raise OutputError(f"--file-ending {args.file_ending!r} is not a supported output format "
@@ -66,9 +81,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     # Every output name is checked before anything is written: none may replace an input or another case's output.
     endings = {case: output_ending(files, args.file_ending) for case, files in cases.items()}
-    planned = {case: output_paths(out, case, list(meta.labels) if args.probabilities else None, endings[case])
+    classes = list(meta.labels) if args.probabilities else None
+    planned = {case: (dicom_seg_output_paths if dicom_seg else output_paths)(out, case, classes, endings[case])
                for case in cases}
-    check_outputs_spare_inputs(planned, cases)
+    if dicom_seg:  # each case's first input must be a DICOM series that a SEG can refer to; no CASE.dcm beside it
+        dseg.check_dicom_seg_inputs(cases, meta.modalities[0] if meta.kind == "paired" else args.modality or "image")
+        check_outputs_spare_inputs(planned, dseg.series_input_files(cases))
+        dseg.check_outside_series_folders(planned, cases)
+    else:
+        check_outputs_spare_inputs(planned, cases)
     print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {precision.label} on {precision.device}")
     for m in models:
         print(f"  checkpoint {m.describe()}")
@@ -78,8 +99,13 @@ def run(args: argparse.Namespace) -> int:
         labels, probs, ref = predict_case(models, files, precision, modality=args.modality,
                                           strict=args.strict_geometry, case=case,
                                           batch_size=args.batch_size)
-        written = write_prediction(out, case, labels, probs if args.probabilities else None, ref,
-                                   list(meta.labels), endings[case])
+        if dicom_seg:
+            written = write_dicom_seg_prediction(out, case, labels, probs if args.probabilities else None, ref,
+                                                 files[0], dict(meta.labels), model_name=meta.model,
+                                                 file_ending=endings[case])
+        else:
+            written = write_prediction(out, case, labels, probs if args.probabilities else None, ref,
+                                       list(meta.labels), endings[case])
         print(f"{case}: {written[0]} ({time.perf_counter() - t0:.1f} s)")
     total = time.perf_counter() - t_start
     used = ", ".join(sorted({m.path.name for m in models}))

@@ -560,6 +560,32 @@ def output_paths(out_dir: Path, case: str, class_names: Sequence[str] | None, fi
     return paths
 
 
+def dicom_seg_output_paths(out_dir: Path, case: str, class_names: Sequence[str] | None, file_ending: str) -> list[Path]:
+    """``CASE.dcm`` (the DICOM-SEG) and, with ``class_names``, ``CASE_prob_<class><file_ending>`` (probabilities stay
+    images: a DICOM-SEG holds labels), each a checked direct child of ``out_dir`` as in :func:`output_paths`."""
+    from modalseg.data.dicom_seg import SEG_ENDING
+
+    probs = output_paths(out_dir, case, class_names, file_ending)[1:] if class_names else []
+    return [output_paths(out_dir, case, None, SEG_ENDING)[0], *probs]
+
+
+def write_dicom_seg_prediction(
+    out_dir: Path, case: str, labels: np.ndarray, probs: np.ndarray | None, reference: Volume, source: Path,
+    class_labels: dict[str, int], *, model_name: str = "", file_ending: str = ".nii.gz",
+) -> list[Path]:
+    """``--output-format dicom-seg``: write ``CASE.dcm``, one DICOM Segmentation referring to the DICOM series
+    ``source`` (the case's first input, which ``reference`` was read from), and optionally the probabilities as
+    images with the series' geometry; the paths are :func:`dicom_seg_output_paths`."""
+    from modalseg.data.dicom_seg import write_dicom_seg
+
+    paths = dicom_seg_output_paths(out_dir, case, list(class_labels) if probs is not None else None, file_ending)
+    write_dicom_seg(paths[0], np.asarray(labels), reference, source, class_labels, model_name=model_name)
+    if probs is not None:
+        for c, p in enumerate(paths[1:]):
+            write_volume(p, probs[c].astype(np.float32), reference)
+    return paths
+
+
 def check_outputs_spare_inputs(outputs: dict[str, list[Path]], inputs: dict[str, list[Path]]) -> None:
     """Refuse a plan in which an output would replace an input file, or two cases would write one file.
 
