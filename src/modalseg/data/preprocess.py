@@ -53,7 +53,8 @@ from modalseg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = (
-    "zscore_slice", "zscore_volume", "zscore_volume_robust", "max_slice", "max_volume", "minmax_slice", "none"
+    "zscore_slice", "zscore_volume", "zscore_volume_robust", "ct_dataset", "max_slice", "max_volume", "minmax_slice",
+    "none",
 )
 CROPS = ("none", "center", "bbox", "square")
 #: Percentiles of ``zscore_volume_robust``: intensities are clipped to them before the z-score (nnU-Net clips CT
@@ -99,6 +100,9 @@ class PreprocessConfig:
     crop: str = "none"
     crop_size: tuple[int, int] | None = None
     only_labelled_slices: bool = False
+    #: dataset statistics per channel for ``ct_dataset`` (None for other channels): the 0.5/99.5 percentiles and
+    #: mean/std of the training cases' foreground voxels (data/intensity.py), stored with the model
+    intensity_stats: list[dict[str, float] | None] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.slice_axis, bool) or self.slice_axis not in (0, 1, 2):
@@ -117,6 +121,13 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess.crop: unknown crop {self.crop!r}; choose from {', '.join(CROPS)}")
         self.target_size = _pair(self.target_size, "target_size")
         self.crop_size = _pair(self.crop_size, "crop_size")
+        if self.intensity_stats is not None and (
+            not isinstance(self.intensity_stats, (list, tuple))
+            or not all(s is None or (isinstance(s, dict) and {"lo", "hi", "mean", "std"} <= set(s))
+                       for s in self.intensity_stats)
+        ):
+            raise ConfigError("preprocess.intensity_stats: expected one {lo, hi, mean, std} mapping (or null) per "
+                              f"channel, got {self.intensity_stats!r}"[:200])
         if self.crop in ("center", "bbox") and self.crop_size is None:
             raise ConfigError(f"preprocess.crop_size: required when crop is {self.crop!r}")
         self.only_labelled_slices = bool(self.only_labelled_slices)
@@ -166,6 +177,9 @@ class PreprocessConfig:
             "crop": self.crop,
             "crop_size": list(self.crop_size) if self.crop_size else None,
             "only_labelled_slices": self.only_labelled_slices,
+            # only when used, so that configurations without dataset statistics keep their dict (and cache keys)
+            **({"intensity_stats": [dict(s) if s else None for s in self.intensity_stats]}
+               if self.intensity_stats is not None else {}),
         }
 
     @classmethod
@@ -371,10 +385,23 @@ def _stats(x: np.ndarray) -> dict[str, float]:
     return {"mean": float(c.mean()), "std": float(c.std()), "max": float(c.max()), "min": float(c.min())}
 
 
+def dataset_stats(cfg: PreprocessConfig, channel: int) -> dict[str, float]:
+    """The ``ct_dataset`` statistics of ``channel`` (a one-line error if the configuration carries none)."""
+    stats = cfg.intensity_stats
+    if not stats or channel >= len(stats) or not stats[channel]:
+        raise ConfigError(f"preprocess: normalisation ct_dataset of channel {channel} needs dataset intensity "
+                          "statistics (computed when training starts; a model carries them)")
+    return stats[channel]  # type: ignore[return-value]
+
+
 def _normalise(x: np.ndarray, mode: str, stats: dict[str, float] | None) -> np.ndarray:
     """One 2D channel. Degenerate statistics (constant slice, max <= 0) do not divide by ~0."""
     if mode == "none":
         return x.astype(np.float32, copy=False)
+    if mode == "ct_dataset":  # nnU-Net's CTNormalization: clip to the dataset's foreground percentiles, z-score
+        assert stats is not None
+        std = stats["std"] if stats["std"] > _EPS else 1.0
+        return np.asarray((np.clip(x, stats["lo"], stats["hi"]) - stats["mean"]) / std, dtype=np.float32)
     if "_volume" in mode:
         if stats is None:
             raise ValueError(f"normalisation {mode!r} needs volume statistics (see volume_stats)")
@@ -508,6 +535,12 @@ def preprocess_volume(
         raise ValueError(f"label shape {label.shape} differs from image shape {images.shape[1:]}")
     modes = cfg.modes_for(images.shape[0], channels)
     stats = volume_stats(images, modes) if any("_volume" in m for m in modes) else None
+    if "ct_dataset" in modes:
+        positions = list(channels) if channels is not None else list(range(images.shape[0]))
+        stats = stats or [None] * images.shape[0]  # type: ignore[list-item]
+        for i, mode in enumerate(modes):
+            if mode == "ct_dataset":
+                stats[i] = dataset_stats(cfg, positions[i])
     a, b = in_plane_axes(axis)
     box = volume_box((images.shape[1 + a], images.shape[1 + b]), label, cfg)
     px = in_plane_spacing(spacing, axis)

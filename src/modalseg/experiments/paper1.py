@@ -19,9 +19,16 @@ This command repeats that protocol on any paired dataset:
   ``DIR/figures/fig5_attention.png`` (Fig. 5: SA maps of the five encoder blocks, T1C and T2W streams of the
   proposed network and of FuseUNet + SA), both from run 0 and the first fold evaluated.
 
-Deviation to know about: the evaluated weights are ``best.pt`` by default, i.e. the epoch with the best
-validation Dice of the same fold (the engine's model selection; paper 1 does not say how it picked its
-epoch). That is slightly optimistic for every model alike; ``--checkpoint latest`` evaluates the last epoch.
+Weights evaluated: the final epoch's (``latest.pt``) by default, as nnU-Net reports its final weights. Paper 1
+does not say how it picked its epoch; ``--checkpoint best`` evaluates ``best.pt`` instead, the epoch with the
+best validation Dice on the very fold that is reported, which is optimistic for every model alike. The engine
+never writes ``best.pt`` from a degenerate (all-empty or all-foreground) validation, so where it is missing
+the final weights are used and the table's budget line counts those records. Beside Dice the table reports
+"Empty slices": validation slices whose reference has foreground but whose argmax prediction has none (Dice
+0 there; a model stuck at predicting nothing shows up here rather than only as a low mean), per run summed over
+the folds, mean ± s.d. over runs, out of the slices with reference foreground; each record holds its count.
+
+:func:`full_budget_commands` gives the commands for paper 1's full budget (a GPU job).
 """
 
 from __future__ import annotations
@@ -71,7 +78,8 @@ PAPER1_TABLE1_RESULTS: dict[str, dict[str, tuple[float, float]]] = {
 
 METRICS = ("dice", "sensitivity", "rad")
 RECORD_FORMAT = "modalseg-paper1-record"
-RECORD_VERSION = 1
+#: Version 2 added ``empty_slices`` / ``reference_slices``; version-1 records get them from the slice statuses.
+RECORD_VERSION = 2
 #: TrainConfig keys this command sets itself (use its own options instead of --set).
 MANAGED_KEYS = frozenset({
     "data", "output", "model", "fold", "folds", "seed", "split_seed", "epochs", "batch_size", "lr",
@@ -80,6 +88,7 @@ MANAGED_KEYS = frozenset({
 #: --set keys that do not change results (left out of the budget that records are matched against).
 COSMETIC_KEYS = frozenset({"progress", "tensorboard", "num_threads", "checkpoint_every", "cache_dir"})
 FIG5_MODELS = ("master_assistant", "fuse_unet_sa")
+EMPTY_COLUMN = "Empty slices"
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -104,8 +113,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast precision (auto: bf16 on AMX CPUs and CUDA, else fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of run 0 (run r uses seed + r)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split (fixed for all runs)")
-    p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
-                   help="weights evaluated: best validation epoch (default) or the last epoch")
+    p.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
+                   help="weights evaluated: the final epoch (default, as nnU-Net) or best.pt, the best "
+                        "validation epoch of the same fold (optimistic; latest.pt where no best.pt exists)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
                    help="any other training option, VALUE parsed as YAML (e.g. --set num_threads=1)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
@@ -252,6 +262,35 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
+def full_budget_commands(data: str = "/data/paper1/synth_breast", output: str = "/data/paper1/table1",
+                         *, seed: int = 0) -> list[str]:
+    """Shell commands for paper 1's full budget on the built-in breast data (a GPU job: 150 trainings).
+
+    Paper facts used (paper 1 = Li et al., shared/papers/000_*):
+
+    * Sec. 2, "Breast MRI Dataset": 313 patients; only the central slice (largest cross-section) is labelled ->
+      ``--patients 313 --slices 1``: one labelled slice per synthetic patient, generated at 256x256.
+    * Sec. 2, "Implementation Details": five-fold cross-validation; images resized to 256x256; batch size 4;
+      Adam with AMSGrad, initial lr 1e-4 halved every 30 epochs; SA block r=16, d=4; three independent runs
+      (mean ± s.d.) -> ``--folds 5 --image-size 256 --batch-size 4 --lr 1e-4 --sa-reduction 16 --runs 3``.
+    * Sec. 2 (FuseUNet halves every encoder layer's kernels relative to U-Net) and Table 1's parameter counts
+      (U-Net 34.5M = base width 64) -> ``--base-width-scale 1`` (64, and 32 for the half-width models).
+
+    Not stated in the paper, so this command's defaults: 100 epochs (the "every 30 epochs" schedule implies
+    more than 30; 100 gives three halvings); fp32 (the paper trained on a TITAN Xp, a GPU without bf16; use
+    ``--precision bf16`` for speed); the final weights (``--checkpoint latest``).
+    """
+    import shlex
+
+    d, o = shlex.quote(str(data)), shlex.quote(str(output))
+    return [
+        f"modalseg synth breast --output {d} --patients 313 --slices 1 --size 256 --seed {seed}",
+        f"modalseg experiment paper1 --data {d} --output {o} --models all --runs 3 --folds 5 --epochs 100 "
+        f"--image-size 256 --base-width-scale 1 --sa-reduction 16 --batch-size 4 --lr 1e-4 --precision fp32 "
+        f"--seed {seed} --split-seed {seed} --checkpoint latest",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def count_parameters(model: Any) -> int:
     """Trainable parameters of a module."""
@@ -268,6 +307,29 @@ def full_size_parameters(model: str, num_modalities: int, in_channels: int, num_
         net = create_model(model, num_modalities=num_modalities, in_channels=in_channels,
                             num_classes=num_classes, base_width=DEFAULT_BASE_WIDTH[model], sa_reduction=16)
     return count_parameters(net)
+
+
+def count_empty_slices(pred: np.ndarray, target: np.ndarray) -> tuple[int, int]:
+    """(slices whose reference has foreground but whose argmax prediction has none, slices with reference
+    foreground): a model that collapses to background scores Dice 0 there, which a mean alone hides."""
+    p = np.asarray(pred).reshape(len(pred), -1) > 0
+    ref = (np.asarray(target).reshape(len(target), -1) > 0).any(1)
+    return int((ref & ~p.any(1)).sum()), int(ref.sum())
+
+
+def _empty_counts(record: dict) -> tuple[int, int]:
+    """A record's (empty, reference) slice counts; version-1 records lack them, so they come from the per-class
+    statuses: a slice is empty when no class is predicted (pred_empty or both_empty) and some class is
+    present (pred_empty)."""
+    if "empty_slices" in record:
+        return int(record["empty_slices"]), int(record["reference_slices"])
+    by_slice: dict[tuple[str, int], list[str]] = {}
+    for s in record["slices"]:
+        by_slice.setdefault((s["patient_id"], int(s["z"])), []).append(s["status"])
+    empty = sum(all(st in ("pred_empty", "both_empty") for st in v) and "pred_empty" in v
+                for v in by_slice.values())
+    ref = sum(any(st in ("pred_empty", "ok") for st in v) for v in by_slice.values())
+    return int(empty), int(ref)
 
 
 def _fmt_millions(n: int | None) -> str:
@@ -400,6 +462,7 @@ def _train_and_record(plan: Plan, model: str, run: int, fold: int, label: str) -
         ckpt = fold_dir / "latest.pt"
     load_model_state(trainer.network, load_checkpoint(ckpt)["model_state"], ckpt)
     pred, target, _patients = trainer.predict_split("val")["all"]
+    n_empty, n_reference = count_empty_slices(pred, target)
     idx = np.sort(trainer.val_idx)
     recs = [trainer.cache.records[i] for i in idx]
     class_names = list(trainer.meta.labels)
@@ -418,6 +481,7 @@ def _train_and_record(plan: Plan, model: str, run: int, fold: int, label: str) -
         "precision": trainer.precision.name, "train_seconds": round(train_s, 2),
         "epochs_trained": summary["epochs"], "steps": summary["steps"],
         "best_val_dice_patient": summary["best_val_dice"], "checkpoint": str(ckpt),
+        "empty_slices": n_empty, "reference_slices": n_reference,
         "slices": slices,
     }
     rpath = _record_path(plan, model, run, fold)
@@ -458,6 +522,11 @@ def summarise_records(records: list[dict], models: list[str]) -> dict[str, dict]
             mean, sd = mean_sd(finite)
             entry[metric] = {"mean": mean, "sd": sd, "per_run": per_run}
         entry["n_slices_per_run"] = [sum(len(r["slices"]) for r in recs if r["run"] == run) for run in runs]
+        counts = [[_empty_counts(r) for r in recs if r["run"] == run] for run in runs]
+        per_run_empty = [sum(e for e, _ in c) for c in counts]
+        mean, sd = mean_sd(per_run_empty)
+        entry["empty_slices"] = {"mean": mean, "sd": sd, "per_run": per_run_empty,
+                                 "reference_slices_per_run": [sum(n for _, n in c) for c in counts]}
         entry["params_trained"] = recs[0]["params_trained"] if recs else None
         entry["params_full"] = recs[0]["params_full"] if recs else None
         entry["train_seconds"] = float(sum(r["train_seconds"] for r in recs))
@@ -485,7 +554,11 @@ def write_table1(plan: Plan, records: list[dict], wall_s: float, dataset_name: s
         row[param_cols[0]] = f"{PAPER1_TABLE1_PARAMS[m]:.1f}"
         row[param_cols[1]] = _fmt_millions(summary[m]["params_full"])
         row[param_cols[2]] = _fmt_millions(summary[m]["params_trained"])
-    columns = [metric_cols[0], *param_cols, *metric_cols[1:]]
+        empty = summary[m]["empty_slices"]
+        refs = sorted(set(empty["reference_slices_per_run"]))
+        of = str(refs[0]) if len(refs) == 1 else f"{refs[0]}-{refs[-1]}"
+        row[EMPTY_COLUMN] = f"{empty['mean']:.1f} ± {empty['sd']:.1f} / {of}"
+    columns = [metric_cols[0], *param_cols, metric_cols[1], EMPTY_COLUMN, *metric_cols[2:]]
     md_path, csv_path = plan.output / "table1.md", plan.output / "table1.csv"
     write_table(rows, columns, None, csv_path)
 
@@ -500,19 +573,26 @@ def write_table1(plan: Plan, records: list[dict], wall_s: float, dataset_name: s
     runs_done = sorted({r["run"] for r in records})
     folds_done = sorted({r["fold"] for r in records})
     train_total = sum(r["train_seconds"] for r in records)
+    fell_back = sum(Path(str(r.get("checkpoint", ""))).name != f"{plan.checkpoint}.pt" for r in records)
+    weights = ("final epoch" if plan.checkpoint == "latest" else
+               "best validation Dice on the reported fold: optimistic")
+    if fell_back:
+        weights += f"; {fell_back} record(s) without best.pt used latest.pt"
     budget = (
         f"Budget: {plan.epochs} epochs, image {plan.image_size}x{plan.image_size}, base widths "
         f"{2 * plan.half_width}/{plan.half_width} (x{plan.width_scale:g} of the paper's 64/32), SA r="
         f"{plan.sa_reduction} d=4, batch {plan.batch_size}, lr {plan.lr:g} (Adam+AMSGrad, x0.5 every 30 epochs), "
         f"precision {plan.precision}, folds {','.join(map(str, folds_done))} of {plan.folds}, "
         f"{len(runs_done)} run(s) (seeds {', '.join(str(plan.seed + r) for r in runs_done)}), "
-        f"weights {plan.checkpoint}.pt. Wall time: {wall_s / 60:.1f} min this invocation"
+        f"weights {plan.checkpoint}.pt ({weights}). Wall time: {wall_s / 60:.1f} min this invocation"
         + (f" ({trained} trained, {len(records) - trained} reused); " if trained is not None else "; ") +
         f"training {train_total / 60:.1f} min summed over the {len(records)} (model, run, fold) records."
     )
     method = ("Metrics per validation slice (2D, foreground class), pooled over the folds of each run; "
               "mean ± s.d. (ddof 1) over runs, in %. Params (this build at full size): paper 1's widths with "
-              f"this dataset's input channels; Params (as trained): the networks trained here. Dataset: "
+              f"this dataset's input channels; Params (as trained): the networks trained here. {EMPTY_COLUMN}: "
+              "validation slices with reference foreground where the argmax prediction has none (Dice 0), "
+              "per run summed over folds, mean ± s.d. over runs / slices with reference foreground. Dataset: "
               f"{dataset_name} ({plan.data}).")
     ranking = (f"Dice ranking here: {' > '.join(PAPER1_TABLE1_ROWS[m] for m in ranked)}. Kendall tau between "
                f"the Dice means here and paper 1's: {tau:.2f} over {len(models)} models.")

@@ -123,7 +123,10 @@ def describe_auto_model(cfg: TrainConfig, spec: DatasetSpec) -> str:
     return f"model auto: {cfg.model} ({len(mods)} channels: {mods[0]} master{rest})"
 
 
-def make_preprocess(cfg: TrainConfig) -> PreprocessConfig:
+def make_preprocess(cfg: TrainConfig, spec: DatasetSpec | None = None) -> PreprocessConfig:
+    """The preset of ``cfg`` with its ``preprocess_options``. With ``spec``, the ``default`` preset normalises CT
+    channels as nnU-Net does (``ct_dataset``: the training cases' foreground statistics, data/intensity.py)
+    instead of per volume; an explicit ``normalization`` option wins."""
     presets = {
         "default": PreprocessConfig.default,
         "paper1": PreprocessConfig.paper1,
@@ -135,6 +138,14 @@ def make_preprocess(cfg: TrainConfig) -> PreprocessConfig:
     if cfg.preprocess not in presets:
         raise ConfigError(f"unknown preprocess preset {cfg.preprocess!r}; known: {', '.join(presets)}")
     base = presets[cfg.preprocess]().to_dict()
+    if spec is not None and cfg.preprocess == "default" and "normalization" not in cfg.preprocess_options:
+        from modalseg.data.intensity import ct_channels, dataset_intensity_stats
+
+        ct = ct_channels(spec)
+        if ct:
+            base["normalization"] = ["ct_dataset" if i in ct else base["normalization"]
+                                     for i in range(len(spec.modalities))]
+            base["intensity_stats"] = dataset_intensity_stats(spec, ct)
     base.update(cfg.preprocess_options)
     return PreprocessConfig.from_dict(base)
 
@@ -178,7 +189,7 @@ class Trainer:
         if model_was_auto:
             self._say(describe_auto_model(cfg, self.spec))
         self.precision: Precision = resolve_precision(self.device, cfg.precision, cfg.channels_last)
-        self.pp = make_preprocess(cfg)
+        self.pp = make_preprocess(cfg, self.spec)
         self.cache = prepare_cache(cfg, self.spec, self.pp, self.dist)
         patients = sorted(self.cache.patients)
         # unpaired data: each modality has its own patients; stratify so every fold validates on every modality

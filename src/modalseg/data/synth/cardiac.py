@@ -15,12 +15,19 @@ Label values are those of MS-CMRSeg: 500 LV blood pool, 200 LV myocardium, 600 R
 Files hold them as uint16. Anatomy per subject: the LV is an ellipse with a ring of myocardium of varying
 thickness, and the RV is a crescent attached beside it. Position, size, rotation and ellipticity vary.
 Going from base to apex over the slices, the LV shrinks and the RV tapers away.
+
+Knobs for experiments on joint learning (:func:`make_cardiac_dataset`): ``patients_per_modality`` makes one
+modality short of labelled subjects (e.g. 20 CT, 5 MR), and ``modality_gap`` moves MR's tissue contrast towards
+CT's (1 = the bSSFP-like mapping above, 0 = CT's contrast in MR units). Their defaults reproduce the files of
+earlier versions byte for byte (pinned by a hash in tests/test_protocols.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -39,6 +46,36 @@ from modalseg.errors import ConfigError
 LABEL_VALUES = {"background": 0, "LV": 500, "Myo": 200, "RV": 600}
 # One independent random stream per modality: different subjects, never paired.
 MODALITY_STREAMS = {"CT": 2, "MR": 3}
+#: Per-subject tissue intensity ranges (uniform draw per subject, in this order). CT in HU; air is -1000.
+CT_TISSUE_RANGES: dict[str, tuple[float, float]] = {
+    "body": (30, 60),
+    "skin_fat": (-120, -80),
+    "lungs": (-880, -800),
+    "epi_fat": (-110, -70),
+    "Myo": (90, 130),
+    "RV_wall": (90, 130),
+    "LV": (280, 380),
+    "RV": (220, 340),
+    "papillary": (90, 130),
+    "aorta": (280, 380),
+    "spine": (300, 400),
+}
+#: MR (bSSFP-like) ranges in arbitrary units before the x1000 scaling; air is 0. Myocardium dark, fat bright.
+MR_TISSUE_RANGES: dict[str, tuple[float, float]] = {
+    "body": (0.25, 0.35),
+    "skin_fat": (0.75, 0.95),
+    "lungs": (0.03, 0.07),
+    "epi_fat": (0.7, 0.9),
+    "Myo": (0.15, 0.25),
+    "RV_wall": (0.15, 0.25),
+    "LV": (0.85, 1.0),
+    "RV": (0.75, 0.95),
+    "papillary": (0.2, 0.3),
+    "aorta": (0.7, 0.95),
+    "spine": (0.3, 0.45),
+}
+#: HU window mapped linearly onto MR's [0, 1] units when ``modality_gap`` < 1 (air -> 0, bone/contrast -> ~1).
+CT_WINDOW = (-1000.0, 400.0)
 
 
 def _rotated(du: np.ndarray, dv: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
@@ -150,44 +187,40 @@ def _label(m: dict[str, np.ndarray]) -> np.ndarray:
     return label
 
 
+def _mix_towards_ct(tissues: dict[str, float], gap: float) -> dict[str, float]:
+    """MR tissue values moved towards CT's contrast: ``gap`` 1 keeps bSSFP-like MR, 0 is CT's contrast.
+
+    Each MR draw keeps its relative position in its range and takes the CT value at the same position, mapped
+    linearly from :data:`CT_WINDOW` to MR units (air 0). No extra random draws, so the anatomy and every other
+    draw of the case stay the same whatever ``gap``.
+    """
+    lo_w, hi_w = CT_WINDOW
+    out = dict(tissues)
+    for key, (lo, hi) in MR_TISSUE_RANGES.items():
+        u = (tissues[key] - lo) / (hi - lo)
+        ct_lo, ct_hi = CT_TISSUE_RANGES[key]
+        ct_as_mr = (ct_lo + u * (ct_hi - ct_lo) - lo_w) / (hi_w - lo_w)
+        out[key] = gap * tissues[key] + (1.0 - gap) * ct_as_mr
+    return out
+
+
 def _render(
-    rng: np.random.Generator, modality: str, m: dict[str, np.ndarray], difficulty: float
+    rng: np.random.Generator,
+    modality: str,
+    m: dict[str, np.ndarray],
+    difficulty: float,
+    modality_gap: float = 1.0,
 ) -> np.ndarray:
     """Map tissue classes to modality-specific intensities and add the modality's texture and noise."""
     shape = m["LV"].shape
     n = shape[0]
-    jit = lambda lo, hi: rng.uniform(lo, hi)  # noqa: E731
     d = float(difficulty)
-    if modality == "CT":
-        tissues = {
-            "air": -1000.0,
-            "body": jit(30, 60),
-            "skin_fat": jit(-120, -80),
-            "lungs": jit(-880, -800),
-            "epi_fat": jit(-110, -70),
-            "Myo": jit(90, 130),
-            "RV_wall": jit(90, 130),
-            "LV": jit(280, 380),
-            "RV": jit(220, 340),
-            "papillary": jit(90, 130),
-            "aorta": jit(280, 380),
-            "spine": jit(300, 400),
-        }
-    else:
-        tissues = {
-            "air": 0.0,
-            "body": jit(0.25, 0.35),
-            "skin_fat": jit(0.75, 0.95),
-            "lungs": jit(0.03, 0.07),
-            "epi_fat": jit(0.7, 0.9),
-            "Myo": jit(0.15, 0.25),
-            "RV_wall": jit(0.15, 0.25),
-            "LV": jit(0.85, 1.0),
-            "RV": jit(0.75, 0.95),
-            "papillary": jit(0.2, 0.3),
-            "aorta": jit(0.7, 0.95),
-            "spine": jit(0.3, 0.45),
-        }
+    # One draw per tissue, in table order (the order fixes the random stream: keep it).
+    ranges = CT_TISSUE_RANGES if modality == "CT" else MR_TISSUE_RANGES
+    tissues = {"air": -1000.0 if modality == "CT" else 0.0}
+    tissues.update({key: rng.uniform(lo, hi) for key, (lo, hi) in ranges.items()})
+    if modality == "MR" and modality_gap != 1.0:
+        tissues = _mix_towards_ct(tissues, modality_gap)
     img = np.full(shape, tissues["air"], dtype=np.float64)
     for key in (
         "body",
@@ -223,11 +256,22 @@ def _render(
 
 
 def synth_cardiac_case(
-    seed: int, modality: str, index: int, *, slices: int = 6, size: int = 128, difficulty: float = 1.0
+    seed: int,
+    modality: str,
+    index: int,
+    *,
+    slices: int = 6,
+    size: int = 128,
+    difficulty: float = 1.0,
+    modality_gap: float = 1.0,
 ) -> SynthCase:
-    """Generate subject ``index`` of ``modality`` ("CT" or "MR"), independent of the other modality."""
+    """Generate subject ``index`` of ``modality`` ("CT" or "MR"), independent of the other modality.
+
+    ``modality_gap`` (MR only; see :func:`make_cardiac_dataset`) changes MR's tissue contrast, not its anatomy.
+    """
     check_params(num_patients=1, slices=slices, size=size, seed=seed, difficulty=difficulty)
     modality = _check_modality(modality)
+    gap = _check_gap(modality_gap)
     rng = case_rng(seed, MODALITY_STREAMS[modality], index)
     n, S = int(size), int(slices)
     if modality == "CT":
@@ -235,13 +279,20 @@ def synth_cardiac_case(
     else:
         spacing = (rng.uniform(1.2, 1.6),) * 2 + (rng.uniform(8.0, 10.0),)
     masks = _heart_geometry(rng, n, S)
-    image = _render(rng, modality, masks, difficulty)
+    image = _render(rng, modality, masks, difficulty, gap)
     label = _label(masks)
     info = {"modality": modality, "spacing": [round(float(s), 4) for s in spacing]}
     shape = (n, n, S)
     return SynthCase(
         f"{modality.lower()}_{index:03d}", {modality: image}, label, centred_affine(shape, spacing), info
     )
+
+
+def _check_gap(value: float) -> float:
+    gap = float(value)
+    if not 0.0 <= gap <= 1.0:  # also refuses NaN
+        raise ConfigError(f"modality gap must be between 0 (CT's contrast) and 1 (bSSFP-like MR), got {value}")
+    return gap
 
 
 def _check_modality(name: str) -> str:
@@ -260,12 +311,22 @@ def make_cardiac_dataset(
     seed: int = 0,
     difficulty: float = 1.0,
     modalities: tuple[str, ...] = ("CT", "MR"),
+    patients_per_modality: Mapping[str, int] | None = None,
+    modality_gap: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
     """Write the unpaired SynthCardiac dataset (nnU-Net raw + modalseg's unpaired keys); return its folder.
 
     ``dataset.json`` has ``"paired": false``, the list of ``modalities`` and ``case_modality`` mapping every
     case id to its modality; each case has one image channel (``_0000``).
+
+    Why the two knobs: joint learning (paper 2) can only matter when one modality is short of labelled
+    subjects and the other can lend what transfers. ``patients_per_modality`` (e.g. ``{"CT": 20, "MR": 5}``)
+    overrides ``num_patients_per_modality`` for the modalities it names; subject ``i`` of a modality is the
+    same whatever the counts (own random stream per case). ``modality_gap`` sets how far MR's tissue contrast
+    is from CT's: 1 (default) is bSSFP-like (myocardium dark, fat bright: a large gap), 0 gives MR the
+    contrast of CT mapped to MR units, with MR's own texture, bias field and Rician noise. Defaults write the
+    same bytes as before these options existed; non-default values are recorded under ``modalseg_synth``.
     """
     check_params(
         num_patients=num_patients_per_modality, slices=slices, size=size, seed=seed, difficulty=difficulty
@@ -273,17 +334,40 @@ def make_cardiac_dataset(
     mods = [_check_modality(mod) for mod in modalities]
     if not mods or len(set(mods)) != len(mods):
         raise ConfigError(f"cardiac modalities must be distinct and non-empty, got {list(modalities)}")
+    gap = _check_gap(modality_gap)
+    counts = {mod: int(num_patients_per_modality) for mod in mods}
+    for name, value in (patients_per_modality or {}).items():
+        mod = _check_modality(name)
+        if mod not in counts:
+            raise ConfigError(f"patients_per_modality names {name!r}, which is not among the modalities {mods}")
+        try:
+            ok = not isinstance(value, bool) and int(value) == value and int(value) >= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"patients_per_modality[{name!r}] must be a positive integer, got {value!r}")
+        counts[mod] = int(value)
     out_dir = Path(out_dir)
     case_modality: dict[str, str] = {}
     cases: dict[str, dict] = {}
     with raw_dataset_writer(out_dir, overwrite=overwrite) as writer:
         for mod in mods:
-            for index in range(int(num_patients_per_modality)):
-                case = synth_cardiac_case(seed, mod, index, slices=slices, size=size, difficulty=difficulty)
+            for index in range(counts[mod]):
+                case = synth_cardiac_case(
+                    seed, mod, index, slices=slices, size=size, difficulty=difficulty, modality_gap=gap
+                )
                 writer.write_image(case.case_id, 0, case.images[mod], case.affine)
                 writer.write_label(case.case_id, case.label, case.affine)
                 case_modality[case.case_id] = mod
                 cases[case.case_id] = case.info
+        params: dict[str, Any] = {"generator": "cardiac", "version": GENERATOR_VERSION}
+        if len(set(counts.values())) == 1:
+            params["num_patients_per_modality"] = next(iter(counts.values()))
+        else:  # only when uneven, so that default datasets keep their exact bytes
+            params["patients_per_modality"] = dict(counts)
+        params.update(slices=int(slices), size=int(size), seed=int(seed), difficulty=float(difficulty))
+        if gap != 1.0:
+            params["modality_gap"] = gap
         writer.set_dataset_json(
             {
                 "name": "SynthCardiac",
@@ -296,16 +380,7 @@ def make_cardiac_dataset(
                 "case_modality": case_modality,
                 "numTraining": len(case_modality),
                 "file_ending": ".nii.gz",
-                "modalseg_synth": {
-                    "generator": "cardiac",
-                    "version": GENERATOR_VERSION,
-                    "num_patients_per_modality": int(num_patients_per_modality),
-                    "slices": int(slices),
-                    "size": int(size),
-                    "seed": int(seed),
-                    "difficulty": float(difficulty),
-                    "cases": cases,
-                },
+                "modalseg_synth": {**params, "cases": cases},
             }
         )
     return out_dir
