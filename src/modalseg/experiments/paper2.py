@@ -17,19 +17,39 @@ What this command does, per setting (in the paper's row order), run and fold:
    paper has no separate validation set: its 20 % are the test set, so choosing ``best.pt`` by validation
    Dice (``--checkpoint best``) selects on the test patients and is optimistic; it is offered for comparison;
 3. stacks each validation patient's slices of a modality into a volume and computes, per class, Dice and the
-   Hausdorff distances in mm with the voxel spacing (slice thickness, processed in-plane pixel size);
+   Hausdorff distances in mm with the voxel spacing (slice thickness, processed in-plane pixel size) and, with
+   the same MONAI call at spacing 1, in voxels (``hd_vox``, ``hd95_vox``);
 4. saves those per-patient records (``DIR/records/<setting>/run<r>_fold<k>.json``) with the slices for Fig. 6
    (``..._fig.npz``). Records are reused on a later call with the same options (``--overwrite`` retrains);
    a training killed half-way resumes from its ``latest.pt``.
 
-Outputs: ``DIR/table_dice.{md,csv}`` (%), ``DIR/table_hd.{md,csv}`` and ``DIR/table_hd95.{md,csv}`` (mm),
-rows = settings, columns = modality x class (+ the class average the paper quotes in its text);
+Outputs: ``DIR/table_dice.{md,csv}`` (%), ``DIR/table_hd.{md,csv}`` and ``DIR/table_hd95.{md,csv}`` (mm, or
+voxels with ``--hd-units voxels``), rows = settings, columns = modality x class (+ the class average the paper
+quotes in its text); cells are means over patients, or medians with ``--aggregate median``;
 ``DIR/wilcoxon.{md,csv}``; ``DIR/figures/fig6_masks.png``; ``DIR/records.csv`` (every per-patient value).
 
 Distances: ``HD`` is MONAI's symmetric Hausdorff distance between the mask edges (``percentile=None``), which
 stands for paper 2's "surface Hausdorff distance"; ``HD95`` is MONAI's, the maximum of the two directed 95th
 percentiles (medpy pools the directions instead). An empty prediction of a present class has no surface: its
 HD is inf, left out of the mean and counted in the tables' ``Excluded`` column, never dropped silently.
+
+Paper 2's own conventions, for comparison with its tables (defaults = this package's; every choice is printed
+in the tables' notes):
+
+* ``--hd-units voxels`` and ``--aggregate median``: nearly all of paper 2's HD values are square roots of
+  integers (3.00, 2.24 = sqrt 5, 4.12 = sqrt 17, 5.39 = sqrt 29 ...), which a mean of patients' distances in mm
+  almost never is and a median over an odd number of patients of distances on the unit voxel grid always is
+  (Table 1: 9 test patients).
+  ``voxels`` computes the distances with spacing 1 on every axis; ``median`` takes, per setting, modality,
+  class and run, the median over patients (non-finite values excluded and counted, as for the mean). The
+  median applies to every table (Dice included).
+* ``--dice-form ummkd_batch`` (every setting): UMMKD's Dice loss, one soft Dice per class over the whole
+  batch, background included (paper 2 builds on UMMKD's code); default: per image, foreground (DiceCELoss).
+* ``--kd-absent-classes ummkd`` (UMMKD row): UMMKD's code averages the KD term over all classes, an absent
+  class contributing with a uniform soft prediction; default: such classes are skipped (losses.kd).
+* ``--csa-reading mean_squared`` and ``--csa-region-norm false`` (CSA and Affinity rows): the element-wise
+  reading of Eq. 4 and Eq. 3 without the 1/S_c rescaling (losses.affinity); defaults: Eq. 3-4 as printed.
+  ``--feature-layers a,b,c``: every consecutive pair (a-b, b-c) is used and the pair losses averaged.
 
 Data conventions (chosen automatically from the dataset layout, preprocess preset ``auto``):
 
@@ -60,6 +80,7 @@ The paper does not state its number of training iterations; ``--iterations`` def
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -84,6 +105,15 @@ TABLE_METRICS: dict[str, tuple[str, str]] = {
     "dice": ("table_dice", "Volume Dice (%)"),
     "hd": ("table_hd", "Surface Hausdorff distance HD (mm)"),
     "hd95": ("table_hd95", "95th-percentile Hausdorff distance HD95 (mm)"),
+}
+#: Per-patient record fields of the distances in voxels (spacing 1), beside ``hd`` and ``hd95`` in mm.
+VOXEL_FIELDS: dict[str, str] = {"hd": "hd_vox", "hd95": "hd95_vox"}
+#: Loss conventions: option -> (TrainConfig field, default, settings it applies to; None = every setting).
+LOSS_OPTIONS: dict[str, tuple[str, Any, tuple[str, ...] | None]] = {
+    "csa_reading": ("csa_reading", "literal", ("csa", "affinity")),
+    "csa_region_norm": ("csa_region_norm", True, ("csa", "affinity")),
+    "dice_form": ("dice_form", "per_image", None),
+    "kd_absent_classes": ("kd_absent_classes", "skip", ("ummkd",)),
 }
 RECORD_VERSION = 1
 DEFAULT_ITERATIONS = 20000
@@ -112,9 +142,27 @@ def _pair_arg(text: str) -> tuple[str, str]:
 
 def _layers_arg(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
-    if len(names) != 2:
-        raise argparse.ArgumentTypeError(f"--feature-layers needs two layer names a,b (got {text!r})")
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"--feature-layers needs two or more distinct layer names a,b[,c...] (got {text!r})")
     return names
+
+
+def _bool_arg(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value == "true"
+
+
+def _count_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _folds_arg(text: str) -> list[int] | None:
@@ -163,7 +211,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="before evaluating, re-estimate BN running statistics on the training slices with "
                         "dropout off (see the module docstring)")
     p.add_argument("--feature-layers", type=_layers_arg, default=None,
-                   help="two layer names for the (CSA) affinity, e.g. group5,group6 (default for dilated_fcn)")
+                   help="two or more layer names for the (CSA) affinity, e.g. group5,group6 (default for "
+                        "dilated_fcn); every consecutive pair is used and the pair losses averaged")
+    p.add_argument("--csa-reading", choices=["literal", "mean_squared"], default="literal",
+                   help="Eq. 4 reading for CSA and Affinity: literal (as printed, default: squared difference of "
+                        "the per-class mean entries) or mean_squared (mean squared entry difference)")
+    p.add_argument("--csa-region-norm", type=_bool_arg, default=True, metavar="{true,false}",
+                   help="Eq. 3's division of every affinity entry by the region size S_c (default true)")
+    p.add_argument("--dice-form", choices=["per_image", "ummkd_batch"], default="per_image",
+                   help="Dice loss of every setting: per_image (default: per image, foreground) or ummkd_batch "
+                        "(UMMKD's: over the whole batch, background included)")
+    p.add_argument("--kd-absent-classes", choices=["skip", "ummkd"], default="skip",
+                   help="UMMKD's KD term for classes absent from a batch: skip (default) or ummkd (UMMKD's code: "
+                        "uniform soft prediction, mean over all classes)")
+    p.add_argument("--grad-ratio-every", type=_count_arg, default=None,
+                   help="log ||grad(lambda L_aux)|| / ||grad(Dice+CE)|| every N iterations (aux_grad_ratio in "
+                        "log.csv; 0 = never; default: the training default). Does not change the results")
+    p.add_argument("--hd-units", choices=["mm", "voxels"], default="mm",
+                   help="units of the HD/HD95 tables: mm (default, voxel spacing) or voxels (spacing 1)")
+    p.add_argument("--aggregate", choices=["mean", "median"], default="mean",
+                   help="per-patient aggregate of every table: mean (default) or median (over patients)")
     p.add_argument("--folds", type=_positive, default=5, help="cross-validation folds (default 5: 80/20)")
     p.add_argument("--only-folds", type=_folds_arg, default=[0],
                    help="folds to run: comma list or 'all' (default 0: the paper's single 80/20 split)")
@@ -249,7 +316,18 @@ def _signature(args: argparse.Namespace, spec, setting: str, run: int, split: di
     }
     if args.checkpoint == "best":
         sig["eval_every"] = args.eval_every
+    sig.update(_loss_options(args, setting))  # only non-default conventions: older records stay valid
     return sig
+
+
+def _loss_options(args: argparse.Namespace, setting: str) -> dict[str, Any]:
+    """The loss conventions that differ from their defaults and apply to ``setting`` (TrainConfig field -> value)."""
+    options: dict[str, Any] = {}
+    for arg, (field, default, settings) in LOSS_OPTIONS.items():
+        value = getattr(args, arg, default)
+        if value != default and (settings is None or setting in settings):
+            options[field] = value
+    return options
 
 
 def _train_config(args: argparse.Namespace, setting: str, run: int, fold: int, run_out: Path, out: Path):
@@ -261,6 +339,14 @@ def _train_config(args: argparse.Namespace, setting: str, run: int, fold: int, r
         options["width" if args.backbone == "dilated_fcn" else "base_width"] = args.width
     if args.dropout is not None:
         options["dropout"] = args.dropout
+    extra = _loss_options(args, setting)
+    if getattr(args, "grad_ratio_every", None) is not None:
+        extra["grad_ratio_every"] = args.grad_ratio_every
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    missing = [k for k in extra if k not in known]
+    if missing:
+        raise ConfigError(f"this installation's training configuration has no option(s) {', '.join(missing)} "
+                          f"(needed by --{missing[0].replace('_', '-')}); use the default")
     return TrainConfig(
         data=str(args.data), output=str(run_out), setting=setting, model=args.backbone, model_options=options,
         feature_layers=list(args.feature_layers) if args.feature_layers else None,
@@ -268,7 +354,7 @@ def _train_config(args: argparse.Namespace, setting: str, run: int, fold: int, r
         batch_size=args.batch_size, lr=args.lr, folds=args.folds, fold=fold, seed=args.seed + run,
         split_seed=args.seed, cache_dir=str(out / ".cache"), precision=args.precision, device=args.device,
         num_threads=args.threads, val_every=1, progress=not args.quiet and sys.stderr.isatty(),
-        tensorboard=args.tensorboard,
+        tensorboard=args.tensorboard, **extra,
     )
 
 
@@ -350,9 +436,10 @@ def _train_and_evaluate(
         idx = np.sort(trainer.val_idx_by_mod[modality])
         records = [trainer.cache.records[i] for i in idx]
         per_patient, _per_slice = evaluate_predictions(pred, target, records, class_names)
+        voxels = voxel_distances(pred, target, records, class_names)
         rows += [
             m.as_dict(setting=DISPLAY[setting], setting_key=setting, run=run, fold=fold, modality=modality,
-                      patient_id=m.case_id)
+                      patient_id=m.case_id, **voxels[(m.case_id, m.class_name)])
             for m in per_patient
         ]
         for j, pos in enumerate(_figure_slices(records, target)):
@@ -382,6 +469,29 @@ def _train_and_evaluate(
     atomic_write_text(record_path, json.dumps(record, indent=1, default=_json_default))
     del trainer
     return record
+
+
+def voxel_distances(
+    pred: np.ndarray, target: np.ndarray, records: list[dict], class_names: list[str]
+) -> dict[tuple[str, str], dict[str, float]]:
+    """Per patient and class, HD and HD95 in voxels: ``{(patient, class): {"hd_vox": .., "hd95_vox": ..}}``.
+
+    The patient volumes are stacked exactly as :func:`modalseg.training.evaluate.evaluate_predictions` does
+    (slices in ``(case_id, z)`` order) and scored by the same MONAI call with spacing 1 on every axis, so the
+    values are the mm distances of a unit grid. Why: paper 2's HD values look like voxel distances (see the
+    module docstring, ``--hd-units``).
+    """
+    from modalseg.evaluation.metrics import evaluate_case
+
+    patients = [r["patient_id"] for r in records]
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for patient in dict.fromkeys(patients):
+        sel = sorted((i for i, q in enumerate(patients) if q == patient),
+                     key=lambda i: (records[i]["case_id"], records[i]["z"]))
+        for m in evaluate_case(pred[sel], target[sel], num_classes=len(class_names), class_names=class_names,
+                               spacing=1.0, case_id=patient):
+            out[(patient, m.class_name)] = {"hd_vox": m.hd, "hd95_vox": m.hd95}
+    return out
 
 
 def recalibrate_bn(trainer) -> None:
@@ -450,30 +560,62 @@ def _load_record(path: Path, sig: dict) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------- reporting
+def _units(args: argparse.Namespace) -> str:
+    return "voxels" if getattr(args, "hd_units", "mm") == "voxels" else "mm"
+
+
+def _conventions_line(args: argparse.Namespace) -> str:
+    """One line naming every loss and evaluation convention of the tables (paper preset or not)."""
+    from modalseg.models.unpaired import DEFAULT_FEATURE_LAYERS
+
+    layers = list(args.feature_layers or DEFAULT_FEATURE_LAYERS.get(args.backbone, ()))
+    reading = getattr(args, "csa_reading", "literal")
+    norm = getattr(args, "csa_region_norm", True)
+    dice = getattr(args, "dice_form", "per_image")
+    absent = getattr(args, "kd_absent_classes", "skip")
+    units = _units(args)
+    parts = [
+        f"CSA/Affinity: Eq. 4 reading {reading}"
+        + (" (as printed)" if reading == "literal" else " (mean squared entry difference)")
+        + f", 1/S_c region normalisation {'on (Eq. 3 as printed)' if norm else 'off (plain cosine)'}, layers "
+        + "-".join(layers) + (" (consecutive pairs averaged)" if len(layers) > 2 else ""),
+        "Dice loss " + ("per image, foreground classes" if dice == "per_image"
+                        else "UMMKD's, over the whole batch, background included"),
+        "UMMKD KD " + ("skips classes absent from a batch" if absent == "skip"
+                       else "averages over all classes, absent ones as uniform predictions (UMMKD's code)"),
+        "distances in " + ("mm (voxel spacing)" if units == "mm" else "voxels (spacing 1 on every axis)"),
+        f"per-patient aggregate: {getattr(args, 'aggregate', 'mean')}",
+    ]
+    return "Conventions: " + "; ".join(parts) + "."
+
+
 def _table_note(metric: str, n_patients: Mapping[str, int], args: argparse.Namespace, folds: list[int]) -> str:
     per_mod = ", ".join(f"{m}: {n}" for m, n in n_patients.items())
+    units = _units(args)
+    scale = "with the voxel spacing in mm" if units == "mm" else "in voxels (spacing 1 on every axis)"
     what = {
         "dice": "Volume Dice (%): each validation patient's slices of a modality stacked into one volume.",
-        "hd": "HD (mm): MONAI's symmetric Hausdorff distance between the mask edges (percentile=None) of each "
-              "patient volume, with the voxel spacing in mm; this stands for paper 2's 'surface Hausdorff "
-              "distance'.",
-        "hd95": "HD95 (mm): MONAI's 95th-percentile Hausdorff distance, the maximum of the two directed 95th "
-                "percentiles (medpy pools both directions instead), per patient volume, in mm.",
+        "hd": f"HD ({units}): MONAI's symmetric Hausdorff distance between the mask edges (percentile=None) of "
+              f"each patient volume, {scale}; this stands for paper 2's 'surface Hausdorff distance'.",
+        "hd95": f"HD95 ({units}): MONAI's 95th-percentile Hausdorff distance, the maximum of the two directed "
+                f"95th percentiles (medpy pools both directions instead), per patient volume, {scale}.",
     }[metric]
+    stat = "medians" if getattr(args, "aggregate", "mean") == "median" else "means"
     lines = [
         "",
-        f"Note: {what} Values are means over validation patients (patients per modality: {per_mod}) of "
+        f"Note: {what} Values are {stat} over validation patients (patients per modality: {per_mod}) of "
         f"fold(s) {', '.join(map(str, folds))} of {args.folds}; with several runs ({args.runs} here) the mean "
-        "of the per-run means (± s.d. over runs). 'Avg' is the mean of the class columns.",
+        f"of the per-run {stat} (± s.d. over runs). 'Avg' is the mean of the class columns.",
         f"Backbone {args.backbone}, width {args.width or 'default'}, {args.iterations} iterations, "
         f"{args.batch_size} slices per modality per step, lr {args.lr:g}, {args.checkpoint} weights"
         + (f", dropout {args.dropout:g}" if args.dropout is not None else "")
         + (", BN statistics re-estimated on the training slices (dropout off)" if args.recalibrate_bn else "")
         + ".",
+        _conventions_line(args),
     ]
     if metric != "dice":
         lines.append("An empty prediction of a present class (or a prediction of an absent one) has an "
-                     "infinite distance: such values are left out of the means and counted in 'Excluded'.")
+                     f"infinite distance: such values are left out of the {stat} and counted in 'Excluded'.")
     return "\n".join(lines) + "\n"
 
 
@@ -487,10 +629,15 @@ def _write_class_tables(rows: list[dict], out: Path, args: argparse.Namespace, f
     for m in n_patients:
         n_patients[m] = len({(r["fold"], r["patient_id"]) for r in rows if r["modality"] == m})
     order = [DISPLAY[s] for s in SETTING_ORDER]
+    units = _units(args)
+    source = with_hd_units(rows, units)
     tables = {}
     for metric, (stem, title) in TABLE_METRICS.items():
+        if metric != "dice":
+            title = title.replace("(mm)", f"({units})")
+        records = median_records(source, metric) if getattr(args, "aggregate", "mean") == "median" else source
         table_rows, columns = class_table(
-            rows, metrics=(metric,), row_key="setting", column_keys=("modality", "class_name"), run_key="run",
+            records, metrics=(metric,), row_key="setting", column_keys=("modality", "class_name"), run_key="run",
             digits=2, show_sd=args.runs > 1, class_average=True, row_order=order,
         )
         text = markdown_table(table_rows, columns, title=f"Paper 2: {title}") + _table_note(
@@ -499,6 +646,33 @@ def _write_class_tables(rows: list[dict], out: Path, args: argparse.Namespace, f
         write_table(table_rows, columns, None, out / f"{stem}.csv")
         tables[metric] = text
     return tables
+
+
+def with_hd_units(rows: list[dict], units: str) -> list[dict]:
+    """``rows`` with ``hd``/``hd95`` in ``units``: as recorded (mm) or replaced by ``hd_vox``/``hd95_vox``."""
+    if units == "mm":
+        return rows
+    if units != "voxels":
+        raise ConfigError(f"hd units must be mm or voxels, got {units!r}")
+    return [{**r, **{metric: r[field] for metric, field in VOXEL_FIELDS.items()}} for r in rows]
+
+
+def median_records(rows: list[dict], metric: str,
+                   keys: Sequence[str] = ("setting", "modality", "class_name", "run")) -> list[dict]:
+    """One record per ``keys`` group holding the median of its finite ``metric`` values, plus its non-finite
+    records unchanged, so that :func:`modalseg.evaluation.tables.class_table`'s per-run mean of one value is
+    the median over patients and its ``Excluded`` column still counts the non-finite ones (median of an even
+    count: mean of the two middle values, numpy's)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    out: list[dict] = []
+    for key, recs in groups.items():
+        values = [float(r[metric]) for r in recs if r.get(metric) is not None and math.isfinite(float(r[metric]))]
+        if values:
+            out.append({**dict(zip(keys, key, strict=True)), metric: float(np.median(values)), "status": "ok"})
+        out += [r for r in recs if r.get(metric) is None or not math.isfinite(float(r[metric]))]
+    return out
 
 
 def _patient_mean_dice(rows: list[dict], setting: str, modality: str) -> dict[str, float]:
@@ -647,6 +821,9 @@ def run(args: argparse.Namespace) -> int:
                     status = f"trained in {record['train_seconds']:.0f} s"
                 else:
                     status = f"reusing {record_path}"
+                if _units(args) == "voxels" and any(VOXEL_FIELDS["hd"] not in r for r in record["per_patient"]):
+                    raise ConfigError("records were made before voxel distances were recorded (no hd_vox); pass "
+                                      "--overwrite to retrain or use --hd-units mm", record_path)
                 if record["modalities_without_validation"]:
                     print(f"      warning: no validation patients of {record['modalities_without_validation']} "
                           f"in fold {fold}")
@@ -664,7 +841,7 @@ def run(args: argparse.Namespace) -> int:
     if not all_rows:
         raise DataError("no validation patients were evaluated (empty folds?)", out / "splits.json")
     metric_cols = ["setting", "run", "fold", "modality", "patient_id", "class_name", "status", "dice", "hd",
-                   "hd95", "sensitivity", "rad", "n_gt", "n_pred"]
+                   "hd95", "hd_vox", "hd95_vox", "sensitivity", "rad", "n_gt", "n_pred"]
     write_table(all_rows, metric_cols, None, out / "records.csv")
     tables = _write_class_tables(all_rows, out, args, folds)
     modalities = list(dict.fromkeys(r["modality"] for r in all_rows))
@@ -684,4 +861,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DISPLAY", "HELP", "SETTING_ORDER", "add_arguments", "run", "stratified_splits"]
+__all__ = ["DISPLAY", "HELP", "SETTING_ORDER", "add_arguments", "median_records", "run", "stratified_splits",
+           "voxel_distances", "with_hd_units"]

@@ -28,7 +28,7 @@ from modalseg.errors import ConfigError
 from modalseg.models.msbn import convert_to_msbn, set_modality
 from modalseg.models.registry import create_model
 
-__all__ = ["SETTINGS", "UnpairedSegmenter", "build_unpaired_model"]
+__all__ = ["SETTINGS", "UnpairedSegmenter", "build_unpaired_model", "feature_pairs"]
 
 SETTINGS = ("single", "joint", "msbn", "ummkd", "affinity", "csa")
 _MSBN_SETTINGS = frozenset({"msbn", "ummkd", "affinity", "csa"})
@@ -41,6 +41,30 @@ DEFAULT_FEATURE_LAYERS: dict[str, tuple[str, ...]] = {
     "dilated_fcn": ("group5", "group6"),
     "unet": ("master.blocks.3", "decoder.ups.0"),
 }
+
+
+def feature_pairs(layers: Sequence[str]) -> list[tuple[str, str]]:
+    """The layer pairs of the (CSA) affinity losses: every CONSECUTIVE pair ``(layers[i], layers[i + 1])``.
+
+    Why consecutive (and not all pairs, nor only first and last): Fig. 4 shows three convolutional layers and
+    "feature maps at multiple scales", contribution 2 speaks of "between-layer relationships at multiple
+    scales", and Sec. 3 states that "the information between remote feature maps is difficult to express
+    completely" and that CSA "within the closer layers is better" than between more distant ones. Chaining
+    neighbours, l1-l2, l2-l3, ..., uses every configured layer and only pairs of close layers; the caller
+    averages the pair losses. Two layers give the one pair of the paper's default.
+
+    Raises ConfigError (one line) for fewer than two layers or a repeated layer (a layer's affinity with
+    itself carries no between-layer relationship).
+    """
+    names = [str(n) for n in layers]
+    if len(names) < 2:
+        raise ConfigError(
+            f"the affinity losses need at least two feature layers (consecutive pairs), got {names or 'none'}"
+        )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"feature layers must be distinct, {repeated} repeated in {names}")
+    return list(zip(names[:-1], names[1:], strict=True))
 
 
 class _TapState:
@@ -76,7 +100,8 @@ class UnpairedSegmenter(nn.Module):
         feature_layers: module names (as in ``named_modules()``) whose outputs ``forward(...,
             return_features=True)`` returns; default ``("group5", "group6")`` for ``dilated_fcn`` and
             ``("master.blocks.3", "decoder.ups.0")`` for ``unet``; must be given for other backbones (an empty
-            tuple disables the taps).
+            tuple disables the taps). The affinity losses use every consecutive pair (:func:`feature_pairs`),
+            so two or more distinct names (checked by the loss, so that checkpoints stay loadable).
         **backbone_options: passed to the backbone builder (e.g. ``width``, ``dropout``, ``base_width``). The
             normalisation is decided by ``setting``: msbn-type settings build the backbone with ordinary BN
             and convert every ``nn.BatchNorm2d`` with :func:`convert_to_msbn`.
@@ -165,6 +190,11 @@ class UnpairedSegmenter(nn.Module):
     def needs_features(self) -> bool:
         """Whether the setting's loss needs the intermediate feature maps."""
         return self.setting in ("affinity", "csa")
+
+    @property
+    def feature_pairs(self) -> list[tuple[str, str]]:
+        """Consecutive pairs of :attr:`feature_layers` (see :func:`feature_pairs`); ConfigError if < 2 layers."""
+        return feature_pairs(self.feature_layers)
 
     @property
     def num_modalities(self) -> int:

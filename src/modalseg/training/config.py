@@ -197,6 +197,24 @@ class TrainConfig:
     kd_weight: float = _opt(0.5, "unpaired, ummkd: weight of the knowledge-distillation loss", "float", ge=0)
     kd_temperature: float = _opt(2.0, "unpaired, ummkd: softmax temperature T", "float", gt=0)
     conv_l2: float | None = _opt(None, "L2 penalty on conv kernels (UMMKD: 1e-4; others 0)", "float", ge=0)
+    csa_reading: str = _opt(
+        "literal", "unpaired, csa/affinity: reading of paper 2 Eq. 4: literal (as printed: squared difference of the "
+        "per-class mean affinity entries) or mean_squared (mean of the squared entry differences)", "str",
+        choices=("literal", "mean_squared"))
+    csa_region_norm: bool = _opt(
+        True, "unpaired, csa/affinity: divide every affinity entry by the class region size S_c (Eq. 3 as printed; "
+        "the cosine is already size-invariant, 1/S_c rescales entries by region size); false = plain cosine", "bool")
+    dice_form: str = _opt(
+        "per_image", "unpaired: Dice term of every setting: per_image (per image, foreground, eps 1) or ummkd_batch "
+        "(UMMKD's: whole batch, background included, squared softmax in the denominator)", "str",
+        choices=("per_image", "ummkd_batch"))
+    kd_absent_classes: str = _opt(
+        "skip", "unpaired, ummkd: classes absent from a batch: skip (mean over classes present in both) or ummkd "
+        "(UMMKD's code: uniform prediction, mean over all classes)", "str", choices=("skip", "ummkd"))
+    grad_ratio_every: int | None = _opt(
+        None, "unpaired, csa/affinity/ummkd: log ||grad(lambda L_aux)|| / ||grad(Dice+CE)|| on the shared kernels "
+        "every N iterations (log.csv aux_grad_ratio; no effect on training); default: first step of each epoch; "
+        "0 = never", "int", ge=0)
     # --- cross-validation and seeds ---
     folds: int = _opt(5, "number of cross-validation folds, split by patient (1 fold would train on nobody)",
                       "int", ge=2)

@@ -204,6 +204,9 @@ class Trainer:
         self.paired = self.spec.paired
         self._build_model()
         self._build_data()
+        if not self.paired:  # after _build_data (steps_per_epoch) and the precision probe (its copies never measure)
+            every = cfg.grad_ratio_every
+            self.loss_module.grad_ratio_every = self.steps_per_epoch if every is None else int(every)
         self._build_optimiser()
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -214,6 +217,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         if resume:
             self._resume()
+        if not self.paired:
+            self.loss_module.aux_forwards = self.batch_in_epoch  # measure at epoch starts after a resume too
 
     # ------------------------------------------------------------------ construction
     def _check_run_folder(self) -> None:
@@ -257,6 +262,8 @@ class Trainer:
                 self.network, cfg.setting, ce_weight=cfg.ce_weight,
                 affinity_weight=cfg.affinity_weight, kd_weight=cfg.kd_weight,
                 kd_temperature=cfg.kd_temperature, conv_l2=float(cfg.conv_l2 or 0.0),
+                csa_reading=cfg.csa_reading, csa_region_norm=cfg.csa_region_norm, dice_form=cfg.dice_form,
+                kd_absent_classes=cfg.kd_absent_classes,
             )
         if cfg.sync_bn and self.dist.enabled and self.device.type == "cuda":
             loss_module = nn.SyncBatchNorm.convert_sync_batchnorm(loss_module)
@@ -475,6 +482,7 @@ class Trainer:
         while self.epoch < cfg.epochs and not stop:
             self.network.train()
             losses: list[float] = []
+            ratios: list[float] = []
             n_images, t0 = 0, time.perf_counter()
             bar = self._progress_bar()
             for args, n in self._step_batches(self.epoch, self.batch_in_epoch):
@@ -496,6 +504,8 @@ class Trainer:
                 self.batch_in_epoch += 1
                 self.global_step += 1
                 losses.append(parts["loss"])
+                if "aux_grad_ratio" in parts:
+                    ratios.append(parts["aux_grad_ratio"])
                 n_images += n * self.dist.world_size
                 if bar is not None:
                     bar.update(1)
@@ -518,6 +528,8 @@ class Trainer:
                           "train_loss": float(np.mean(losses)) if losses else float("nan"),
                           "lr": self.optimizer.param_groups[0]["lr"],
                           "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
+                if ratios:  # does the auxiliary loss act? ||grad(lambda L_aux)|| / ||grad(Dice+CE)|| (paper 2)
+                    record["aux_grad_ratio"] = float(np.mean(ratios))
                 improved = False
                 if self.epoch % cfg.val_every == 0 or stop or self.epoch == cfg.epochs:
                     self._guard_precision()
@@ -687,7 +699,8 @@ class Trainer:
                 if key not in {"epoch", "step"}:
                     writer.add_scalar(key, value, record["epoch"])
             writer.flush()
-        columns = ["epoch", "step", "train_loss", "val_dice", "degenerate", "lr", "img_per_s", "time_s"]
+        columns = ["epoch", "step", "train_loss", "aux_grad_ratio", "val_dice", "degenerate", "lr", "img_per_s",
+                   "time_s"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
