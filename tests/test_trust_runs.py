@@ -412,3 +412,23 @@ def test_argument_errors_are_one_line(argv, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2
     assert len(err) == 1 and "error:" in err[0] and "usage" not in err[0], err
+
+
+def test_resume_of_a_checkpoint_from_an_older_release_is_not_a_changed_option(finished_run, tmp_path, capsys):
+    """Options added since a checkpoint was written count as their defaults (what the older release did)."""
+    data, run = finished_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
+    latest = copy / "fold_0" / "latest.pt"
+    state = load_checkpoint(latest)
+    for key in ("strict_geometry", "csa_reading", "train_all", "grad_ratio_every"):
+        state["config"].pop(key)
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, latest)
+    code, _, err = run_cli(capsys, train_args(data, copy, "--epochs", "2", "--resume"))
+    assert code == 0, err
+    # a release without foreground oversampling did not oversample: resuming with it would change the run
+    state = load_checkpoint(latest)
+    state["config"].pop("foreground_fraction")
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, latest)
+    code, _, err = run_cli(capsys, train_args(data, copy, "--epochs", "3", "--resume"))
+    assert_refused(code, err, latest, "foreground_fraction: (not recorded: an older release) -> 0.333")

@@ -72,9 +72,15 @@ def previous_outputs(run_dir: Path) -> list[str]:
 
 
 def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Options of ``current`` that differ from the checkpoint's ``saved`` config and alter the run."""
+    """Options of ``current`` that differ from the checkpoint's ``saved`` config and alter the run.
+
+    An option the checkpoint does not record (written by a release that did not have it) counts as what that
+    release did: the option's default, or for ``foreground_fraction`` 0 (no oversampling before it existed).
+    """
+    defaults = {**TrainConfig().to_dict(), "foreground_fraction": 0.0}
+
     def same(key: str) -> bool:
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, defaults.get(key)), current.get(key)
         if key in ("data", "cache_dir") and isinstance(a, str) and isinstance(b, str):
             return Path(a).resolve() == Path(b).resolve()
         return a == b
@@ -404,7 +410,10 @@ class Trainer:
             raise CheckpointError("has no training configuration to resume with", path)
         changed = changed_options(saved_cfg, self.cfg.to_dict())
         if changed:
-            shown = "; ".join(f"{k}: {saved_cfg.get(k)!r} -> {getattr(self.cfg, k, None)!r}" for k in changed[:6])
+            def before(k: str) -> str:
+                return repr(saved_cfg[k]) if k in saved_cfg else "(not recorded: an older release)"
+
+            shown = "; ".join(f"{k}: {before(k)} -> {getattr(self.cfg, k, None)!r}" for k in changed[:6])
             raise ConfigError(
                 f"--resume with changed option(s) that alter the run ({shown}); resume with the original options "
                 "or start a new run (--overwrite or another --output)", path)
