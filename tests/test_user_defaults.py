@@ -315,3 +315,9 @@ def test_ct_channels_use_the_training_cases_foreground_statistics(tmp_path, caps
     assert code == 0, err
     meta = load_checkpoint(tmp_path / "run" / "fold_0" / "latest.pt")["meta"]
     assert meta["preprocess"]["intensity_stats"][0] == pytest.approx(stats)  # predict applies the same mapping
+
+
+def test_nnunet_ignore_label_is_not_trained_as_a_class(tmp_path, capsys):
+    data = make_dataset(tmp_path / "ds", labels={"background": 0, "mass": 1, "ignore": 2})
+    code, _, err = run_cli(capsys, ["verify", str(data)])
+    assert code == 2 and len(err) == 1 and "'ignore' label is not supported for training" in err[0]

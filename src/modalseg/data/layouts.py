@@ -263,7 +263,11 @@ def _parse_labels(labels: Any, path: Path, key: str = "labels") -> dict[str, int
     out: dict[str, int] = {}
     for name, value in labels.items():
         if isinstance(value, list | tuple):
-            raise DataError(f"key {key!r}: region-based labels not supported ({name!r}: {list(value)})", path)
+            raise DataError(f"key {key!r}: region-based labels ({name!r}: {list(value)}) are not supported for "
+                            "training yet (modalseg evaluate --dataset scores regions)", path)
+        if str(name) == "ignore":  # nnU-Net's ignore label: trained as a class it would be a silent wrong answer
+            raise DataError(f"key {key!r}: nnU-Net's 'ignore' label is not supported for training yet (modalseg "
+                            "evaluate --dataset honours it)", path)
         if not _is_int(value):
             raise DataError(f"key {key!r}: value of {name!r} must be an integer, found {value!r}", path)
         out[str(name)] = int(value)
