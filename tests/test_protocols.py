@@ -18,22 +18,16 @@ from modalseg.data.synth import make_cardiac_dataset, synth_cardiac_case
 from modalseg.errors import ConfigError
 from modalseg.experiments import paper1
 from modalseg.models.paper1 import PAPER1_MODELS, PAPER1_TABLE1_ROWS
+from test_experiment_paper1 import parse  # noqa: E402
+from test_experiment_paper1 import tiny_argv as _tiny_argv  # noqa: E402
 
 MODELS = ["unet", "master_assistant"]
 
 
 def tiny_argv(data, out, *extra: str, models: list[str] = MODELS) -> list[str]:
-    return [
-        "--data", str(data), "--output", str(out), "--models", ",".join(models), "--runs", "1", "--folds", "5",
-        "--only-folds", "0", "--epochs", "1", "--image-size", "32", "--base-width-scale", "0.0625",
-        "--sa-reduction", "2", "--precision", "fp32", "--lr", "1e-3", *extra,
-    ]
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    paper1.add_arguments(parser)
-    return parser.parse_args(argv)
+    argv = _tiny_argv(data, out, *extra)
+    argv[argv.index("--models") + 1] = ",".join(models)
+    return argv
 
 
 def _spy_loads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
