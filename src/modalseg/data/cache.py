@@ -44,9 +44,10 @@ import numpy as np
 import torch
 
 from modalseg.data import io as mio
+from modalseg.data.geometry import ORIGIN_TOL_VOXELS, geometry_problems, onto_grid, to_canonical
 from modalseg.data.preprocess import PreprocessConfig, SliceGeometry, preprocess_volume
 from modalseg.data.types import CaseFiles, DatasetSpec
-from modalseg.data.verify import geometry_problems, intensity_problems
+from modalseg.data.verify import intensity_problems
 from modalseg.errors import ConfigError, DataError, OutputError
 from modalseg.utils.atomic import atomic_write_text, folder_mode
 
@@ -356,9 +357,6 @@ def _read_case(
     master (first) image's grid first (:func:`modalseg.data.geometry.onto_grid`); each such case adds one line to
     ``notes`` (printed when ``notes`` is None). ``strict`` refuses any grid difference instead, as before.
     """
-    from modalseg.data.geometry import onto_grid, to_canonical
-    from modalseg.data.verify import ORIGIN_TOL_VOXELS
-
     if case.label is None:
         raise DataError(
             f"case {case.case_id!r} has no label file; the training slice cache needs labels", spec.root

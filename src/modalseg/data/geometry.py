@@ -49,6 +49,86 @@ def axcodes(affine: np.ndarray) -> str:
     return "".join(str(c) for c in aff2axcodes(np.asarray(affine, dtype=np.float64)))
 
 
+# ------------------------------------------------------------------------------------------------ comparison
+def fmt_tuple(values: tuple, spec: str = ".4g") -> str:
+    return "(" + ", ".join(format(v, spec) for v in values) + ")"
+
+
+def _direction(volume: Volume) -> np.ndarray:
+    m = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
+    norms = np.linalg.norm(m, axis=0)
+    norms[norms == 0] = 1.0
+    return m / norms
+
+
+# A label (or a prediction) must lie on its image's (reference's) voxel grid: origins (affine translations,
+# RAS mm) further apart than half the smallest voxel size put every voxel on another one's neighbour.
+ORIGIN_TOL_VOXELS = 0.5
+
+
+def origin_problem(vol: Volume, ref: Volume, what: str, ref_name: str, tol_voxels: float) -> str | None:
+    """``vol``'s origin against ``ref``'s: a problem when they are more than ``tol_voxels`` of ``ref``'s
+    smallest voxel size apart (Euclidean distance of the affine translations, in mm)."""
+    o = np.asarray(vol.affine, dtype=np.float64)[:3, 3] + 0.0  # + 0.0: no "-0" in the message
+    o0 = np.asarray(ref.affine, dtype=np.float64)[:3, 3] + 0.0
+    shift = float(np.linalg.norm(o - o0))
+    limit = tol_voxels * min(ref.spacing)
+    if not shift > limit:
+        return None
+    how = "half a voxel" if tol_voxels == 0.5 else f"{tol_voxels:g} voxel(s)"
+    return (
+        f"{vol.path}: {what} origin {fmt_tuple(tuple(o))} differs from {ref_name} {ref.path} "
+        f"{fmt_tuple(tuple(o0))} by {shift:.3g} mm (more than {how})"
+    )
+
+
+def geometry_problems(
+    vol: Volume,
+    ref: Volume,
+    what: str,
+    ref_name: str,
+    *,
+    spacing_tol: float = 1e-3,
+    direction_tol: float = 1e-3,
+    origin_tol_voxels: float | None = None,
+) -> list[str]:
+    """``"PATH: problem"`` lines for a shape, spacing or orientation difference of ``vol`` from ``ref``.
+
+    One check for every command that compares grids (``modalseg verify``, the training cache, ``predict``,
+    ``evaluate``, :func:`onto_grid`), so that they refuse what verify refuses. With ``origin_tol_voxels`` (e.g.
+    :data:`ORIGIN_TOL_VOXELS`), origins further apart than that many of ``ref``'s smallest voxel size are a
+    problem too: for a label against its image and a prediction against its reference, never between
+    modalities (whose registration is the user's job).
+    """
+    out = []
+    if vol.shape != ref.shape:
+        out.append(f"{vol.path}: {what} shape {vol.shape} differs from {ref_name} {ref.path} {ref.shape}")
+    sp, sp0 = np.asarray(vol.spacing), np.asarray(ref.spacing)
+    if np.any(np.abs(sp - sp0) > spacing_tol * np.maximum(np.abs(sp0), 1e-12)):
+        out.append(
+            f"{vol.path}: {what} spacing {fmt_tuple(tuple(sp))} differs from {ref_name} {ref.path} "
+            f"{fmt_tuple(tuple(sp0))}"
+        )
+    d, d0 = _direction(vol), _direction(ref)
+    diff = float(np.max(np.abs(d - d0)))
+    if diff > direction_tol:
+        codes, codes0 = axcodes(vol.affine), axcodes(ref.affine)
+        if codes != codes0:
+            detail, detail0 = codes, codes0
+        else:  # same nearest axes: an oblique difference, show the cosines
+            detail = fmt_tuple(tuple(np.round(d, 4).ravel()), ".4g")
+            detail0 = fmt_tuple(tuple(np.round(d0, 4).ravel()), ".4g")
+        out.append(
+            f"{vol.path}: {what} orientation {detail} differs from {ref_name} {ref.path} {detail0} "
+            f"(direction cosines differ by up to {diff:.3g})"
+        )
+    if origin_tol_voxels is not None:
+        problem = origin_problem(vol, ref, what, ref_name, origin_tol_voxels)
+        if problem:
+            out.append(problem)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ orientation
 @dataclass(frozen=True)
 class Reorientation:
@@ -241,8 +321,6 @@ def same_grid_in_other_order(vol: Volume, ref: Volume, *, spacing_tol: float = 1
     """When ``vol`` is ``ref``'s grid stored in another voxel order (e.g. a z-flipped DICOM read), the
     reorientation of ``ref``: then ``ref_reo.invert(to_canonical(vol)[0].array)`` is ``vol`` on ``ref``'s grid
     without interpolation. Origins must agree within half a voxel (a flip moves the origin)."""
-    from modalseg.data.verify import ORIGIN_TOL_VOXELS, geometry_problems
-
     cv, _ = to_canonical(vol)
     cr, rr = to_canonical(ref)
     problems = geometry_problems(cv, cr, "", "", spacing_tol=spacing_tol, direction_tol=direction_tol,
@@ -274,13 +352,11 @@ def onto_grid(
     of ``ref`` raises :class:`DataError` (one line naming ``vol``'s file). ``grid_name`` names ``ref``'s grid in
     the line (default ``"<ref_name>'s"``).
     """
-    from modalseg.data.verify import geometry_problems
-
     problems = geometry_problems(vol, ref, name, ref_name, spacing_tol=spacing_tol, direction_tol=direction_tol)
     if not problems or strict:
         if origin_tol_voxels is not None:
-            problems = geometry_problems(vol, ref, name, ref_name, spacing_tol=spacing_tol,
-                                         direction_tol=direction_tol, origin_tol_voxels=origin_tol_voxels)
+            off = origin_problem(vol, ref, name, ref_name, origin_tol_voxels)
+            problems = problems + [off] if off else problems
         if problems:
             raise DataError(problems[0])
         return vol, None

@@ -30,10 +30,15 @@ import numpy as np
 
 from modalseg.data.geometry import (
     CANONICAL,
+    ORIGIN_TOL_VOXELS,
     PLANES,
+    axcodes,
     describe_grids,
+    fmt_tuple,
+    geometry_problems,
     grid_coverage,
     no_overlap_message,
+    origin_problem,
     reorientation_of,
     same_grid_in_other_order,
 )
@@ -103,90 +108,13 @@ class VerifyReport:
         return lines
 
 
-def _fmt_tuple(values: tuple, spec: str = ".4g") -> str:
-    return "(" + ", ".join(format(v, spec) for v in values) + ")"
-
-
-def _direction(volume: Volume) -> np.ndarray:
-    m = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
-    norms = np.linalg.norm(m, axis=0)
-    norms[norms == 0] = 1.0
-    return m / norms
-
-
-# A label (or a prediction) must lie on its image's (reference's) voxel grid: origins (affine translations,
-# RAS mm) further apart than half the smallest voxel size put every voxel on another one's neighbour.
-ORIGIN_TOL_VOXELS = 0.5
-
-
-def _origin_problem(vol: Volume, ref: Volume, what: str, ref_name: str, tol_voxels: float) -> str | None:
-    """``vol``'s origin against ``ref``'s: a problem when they are more than ``tol_voxels`` of ``ref``'s
-    smallest voxel size apart (Euclidean distance of the affine translations, in mm)."""
-    o = np.asarray(vol.affine, dtype=np.float64)[:3, 3] + 0.0  # + 0.0: no "-0" in the message
-    o0 = np.asarray(ref.affine, dtype=np.float64)[:3, 3] + 0.0
-    shift = float(np.linalg.norm(o - o0))
-    limit = tol_voxels * min(ref.spacing)
-    if not shift > limit:
-        return None
-    how = "half a voxel" if tol_voxels == 0.5 else f"{tol_voxels:g} voxel(s)"
-    return (
-        f"{vol.path}: {what} origin {_fmt_tuple(tuple(o))} differs from {ref_name} {ref.path} "
-        f"{_fmt_tuple(tuple(o0))} by {shift:.3g} mm (more than {how})"
-    )
-
-
-def _compare_geometry(
-    vol: Volume,
-    ref: Volume,
-    what: str,
-    ref_name: str,
-    spacing_tol: float,
-    direction_tol: float,
-    origin_tol_voxels: float | None = None,
-) -> list[str]:
-    """Problems of ``vol`` against ``ref`` (shape, spacing, orientation and, when ``origin_tol_voxels`` is
-    given, origin)."""
-    out = []
-    if vol.shape != ref.shape:
-        out.append(f"{vol.path}: {what} shape {vol.shape} differs from {ref_name} {ref.path} {ref.shape}")
-    sp, sp0 = np.asarray(vol.spacing), np.asarray(ref.spacing)
-    if np.any(np.abs(sp - sp0) > spacing_tol * np.maximum(np.abs(sp0), 1e-12)):
-        out.append(
-            f"{vol.path}: {what} spacing {_fmt_tuple(tuple(sp))} differs from {ref_name} {ref.path} "
-            f"{_fmt_tuple(tuple(sp0))}"
-        )
-    d, d0 = _direction(vol), _direction(ref)
-    diff = float(np.max(np.abs(d - d0)))
-    if diff > direction_tol:
-        codes, codes0 = _axcodes(vol), _axcodes(ref)
-        if codes != codes0:
-            detail, detail0 = codes, codes0
-        else:  # same nearest axes: an oblique difference, show the cosines
-            detail = _fmt_tuple(tuple(np.round(d, 4).ravel()), ".4g")
-            detail0 = _fmt_tuple(tuple(np.round(d0, 4).ravel()), ".4g")
-        out.append(
-            f"{vol.path}: {what} orientation {detail} differs from {ref_name} {ref.path} {detail0} "
-            f"(direction cosines differ by up to {diff:.3g})"
-        )
-    if origin_tol_voxels is not None:
-        problem = _origin_problem(vol, ref, what, ref_name, origin_tol_voxels)
-        if problem:
-            out.append(problem)
-    return out
-
-
-def _axcodes(volume: Volume) -> str:
-    from modalseg.data.geometry import axcodes
-
-    return axcodes(volume.affine)
-
-
 def _grid_note(vol: Volume, ref: Volume, what: str, ref_name: str, grid: str, how: str) -> tuple[str, bool]:
     """(line, usable) for ``vol`` on another grid than ``ref``: what training and predict will do with it, or
     (the refusal, False) when it covers no part of ``ref``."""
     if same_grid_in_other_order(vol, ref) is not None:
-        return (f"{vol.path}: {what} is on the grid of {ref_name} {ref.path} stored in voxel order {_axcodes(vol)} "
-                f"instead of {_axcodes(ref)}; it will be reoriented onto {grid} grid (no interpolation)", True)
+        return (f"{vol.path}: {what} is on the grid of {ref_name} {ref.path} stored in voxel order "
+                f"{axcodes(vol.affine)} instead of {axcodes(ref.affine)}; it will be reoriented onto {grid} grid (no "
+                "interpolation)", True)
     coverage = grid_coverage(vol, ref)
     if coverage == 0.0:
         return f"{vol.path}: {no_overlap_message(what, grid, ref)}", False
@@ -224,6 +152,7 @@ def verify_dataset(
     """
     if slice_axis is None:
         slice_axis = 1 if spec.layout == "mmwhs" else 2
+    tolerances = {"spacing_tol": spacing_tol, "direction_tol": direction_tol}
     report = VerifyReport(
         num_cases=len(spec.cases), modalities=list(spec.modalities), class_names=spec.class_names,
         slice_axis=int(slice_axis),
@@ -267,11 +196,11 @@ def verify_dataset(
                 sp = np.asarray(vol.spacing)
                 if sp.min() > 0 and sp.max() / sp.min() > max_anisotropy:
                     warnings.append(
-                        f"{vol.path}: spacing {_fmt_tuple(vol.spacing)} is anisotropic "
+                        f"{vol.path}: spacing {fmt_tuple(vol.spacing)} is anisotropic "
                         f"(ratio {sp.max() / sp.min():.1f} > {max_anisotropy:g})"
                     )
             elif ref is not None:
-                differences = _compare_geometry(vol, ref, name, f"{names[0]}", spacing_tol, direction_tol)
+                differences = geometry_problems(vol, ref, name, f"{names[0]}", **tolerances)
                 if differences and strict:
                     problems.extend(differences)
                     continue
@@ -291,11 +220,10 @@ def verify_dataset(
         if label is None:
             continue
         if ref is not None:
-            differences = _compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol)
+            differences = geometry_problems(label, ref, "label", "image", **tolerances)
             if strict or not differences:
-                problems.extend(
-                    _compare_geometry(label, ref, "label", "image", spacing_tol, direction_tol, ORIGIN_TOL_VOXELS)
-                )
+                off = origin_problem(label, ref, "label", "image", ORIGIN_TOL_VOXELS)
+                problems.extend(differences + [off] if off else differences)
             else:
                 line, usable = _grid_note(label, ref, "label", "image", "the image's", "nearest neighbour")
                 (warnings if usable else problems).append(line)
@@ -344,27 +272,6 @@ def _check_intensities(vol: Volume, problems: list[str]) -> None:
     lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
         problems.append(f"{vol.path}: constant image (every voxel is {lo:g})")
-
-
-def geometry_problems(
-    vol: Volume,
-    ref: Volume,
-    what: str,
-    ref_name: str,
-    *,
-    spacing_tol: float = 1e-3,
-    direction_tol: float = 1e-3,
-    origin_tol_voxels: float | None = None,
-) -> list[str]:
-    """``"PATH: problem"`` lines for a shape, spacing or orientation difference of ``vol`` from ``ref``.
-
-    The same check as :func:`verify_dataset`, for the commands that read files without verifying a whole
-    dataset first (the training cache, ``predict``, ``evaluate``), so that they refuse what verify refuses.
-    With ``origin_tol_voxels`` (e.g. :data:`ORIGIN_TOL_VOXELS`), origins further apart than that many of
-    ``ref``'s smallest voxel size are a problem too: for a label against its image and a prediction against
-    its reference, never between modalities (whose registration is the user's job).
-    """
-    return _compare_geometry(vol, ref, what, ref_name, spacing_tol, direction_tol, origin_tol_voxels)
 
 
 def intensity_problems(vol: Volume) -> list[str]:

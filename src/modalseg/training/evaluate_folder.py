@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from modalseg.data.geometry import ORIGIN_TOL_VOXELS, geometry_problems
 from modalseg.data.io import is_supported, read_volume, strip_extension
 from modalseg.data.layouts import load_dataset
-from modalseg.data.verify import ORIGIN_TOL_VOXELS, geometry_problems
 from modalseg.errors import ConfigError, DataError
 from modalseg.evaluation.metrics import (
     EMPTY_DICE_CONVENTIONS,

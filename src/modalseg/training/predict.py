@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from modalseg.data.geometry import onto_grid, to_canonical
+from modalseg.data.geometry import geometry_problems, onto_grid, to_canonical
 from modalseg.data.io import (
     ImageRef,
     dicom_series,
@@ -28,7 +28,7 @@ from modalseg.data.io import (
 )
 from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restore_volume
 from modalseg.data.types import Volume
-from modalseg.data.verify import geometry_problems, intensity_problems
+from modalseg.data.verify import intensity_problems
 from modalseg.errors import CheckpointError, ConfigError, DataError, OutputError
 from modalseg.models.fold import fold_batch_norm
 from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta
