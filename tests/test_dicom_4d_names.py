@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from modalseg.data.io import ImageRef, is_dicom_series, read_volume, write_volume
 from modalseg.errors import DataError
-from test_reliability import _img, _lab, assert_refused, files_under, run_cli, tiny_checkpoint, train_args
+from test_reliability import _img, _lab, _predict, assert_refused, files_under, run_cli, tiny_checkpoint, train_args
 
 SPACING = (0.8, 0.7, 3.0)
 ORIGIN = (10.0, -20.0, 5.0)
@@ -86,10 +86,6 @@ def write_nifti(path: Path, array: np.ndarray, affine=None) -> Path:
     nib.save(nib.Nifti1Image(array.astype(np.float32), ras_affine() if affine is None else affine), str(path))
     return path
 
-
-def _predict(capsys, model: Path, inputs: list[Path], out: Path, *extra: str):
-    return run_cli(capsys, ["predict", "--model", str(model), "--input", *map(str, inputs), "--output", str(out),
-                            "--precision", "fp32", "--device", "cpu", *extra])
 
 
 @pytest.fixture(scope="module")

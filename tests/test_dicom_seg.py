@@ -20,7 +20,7 @@ from modalseg import __version__
 from modalseg.data.io import dicom_series, read_volume
 from modalseg.training.checkpoint import load_checkpoint, save_checkpoint
 from test_dicom_4d_names import DIRECTION, SHAPE, _array, write_dicom, write_nifti
-from test_reliability import assert_no_temp_files, assert_refused, files_under, run_cli, tiny_checkpoint
+from test_reliability import _predict, assert_no_temp_files, assert_refused, files_under, tiny_checkpoint
 
 THREE = {"background": 0, "mass": 1, "edema": 3}  # label values need not be the segment numbers (1, 2)
 
@@ -58,10 +58,6 @@ def write_study(root: Path, *, t1c_kwargs: dict | None = None) -> Path:
     write_series(root / "T2W", _array(2), "T2 TSE", "1.2.826.0.1.3680043.2.1125.9.1")
     return root
 
-
-def _predict(capsys, model: Path, inputs: list[Path], out: Path, *extra: str):
-    return run_cli(capsys, ["predict", "--model", str(model), "--input", *map(str, inputs), "--output", str(out),
-                            "--precision", "fp32", "--device", "cpu", *extra])
 
 
 @pytest.fixture(scope="module")

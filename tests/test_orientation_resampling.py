@@ -34,7 +34,7 @@ from modalseg.data.verify import verify_dataset
 from modalseg.errors import DataError
 from modalseg.training.precision import resolve_precision
 from modalseg.training.predict import load_models, predict_case
-from test_reliability import assert_refused, files_under, run_cli, tiny_checkpoint, train_args
+from test_reliability import _predict, assert_refused, files_under, run_cli, tiny_checkpoint, train_args
 
 SHAPE = (16, 16, 4)
 AFF = np.array([[0.8, 0, 0, -6.0], [0, 0.8, 0, -6.0], [0, 0, 3.0, -4.5], [0, 0, 0, 1.0]])
@@ -104,10 +104,6 @@ def _dataset(root: Path, orders, *, t2w=None, label=None) -> Path:
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
-
-def _predict(capsys, ckpt: Path, inputs: list[Path], out: Path, *extra: str):
-    return run_cli(capsys, ["predict", "--model", str(ckpt), "--input", *map(str, inputs), "--output", str(out),
-                            "--precision", "fp32", "--device", "cpu", *extra])
 
 
 def _canonical(path: Path, kind: str = "label") -> np.ndarray:

@@ -25,6 +25,7 @@ from modalseg.training.precision import resolve_precision
 from modalseg.utils import atomic as matomic
 from test_reliability import (
     _img,
+    _predict,
     assert_no_temp_files,
     assert_refused,
     files_under,
@@ -33,11 +34,6 @@ from test_reliability import (
     tiny_checkpoint,
     train_args,
 )
-
-
-def _predict(capsys, model, inputs, out, *extra):
-    return run_cli(capsys, ["predict", "--model", str(model), "--input", *map(str, inputs), "--output", str(out),
-                            "--precision", "fp32", "--device", "cpu", *extra])
 
 
 def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
