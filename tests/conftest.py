@@ -31,3 +31,16 @@ def cardiac_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "cardiac"
     make_cardiac_dataset(root, num_patients_per_modality=5, slices=3, size=32, seed=2)
     return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """(dataset, run folder) of a real 2-step ``modalseg train`` run (latest.pt at step 2), shared by the
+    reliability and trust tests (tiny dataset and options of tests/test_reliability.py)."""
+    from modalseg.cli.main import main
+    from test_reliability import make_dataset, train_args
+
+    root = tmp_path_factory.mktemp("trained")
+    data = make_dataset(root / "ds")
+    assert main(train_args(data, root / "run", "--set", "max_steps=2")) == 0
+    return data, root / "run"

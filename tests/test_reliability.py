@@ -155,15 +155,6 @@ def paired_ckpt(tmp_path_factory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "fuse.pt")
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(dataset, run folder) of a real 2-step ``modalseg train`` run (latest.pt at step 2)."""
-    root = tmp_path_factory.mktemp("trained")
-    data = make_dataset(root / "ds")
-    assert main(train_args(data, root / "run", "--set", "max_steps=2")) == 0
-    return data, root / "run"
-
-
 # ------------------------------------------------------------------------------ dataset faults: verify + train
 def _missing(ds: Path) -> Path:
     path = ds / "imagesTr" / "c1_0001.nii.gz"

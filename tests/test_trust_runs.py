@@ -121,22 +121,12 @@ def test_predict_refuses_an_output_that_is_a_hard_link_to_an_input(ckpt, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------ 4-5 run folders
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, Path]:
-    from modalseg.cli.main import main
-
-    root = tmp_path_factory.mktemp("finished")
-    data = make_dataset(root / "ds")
-    assert main(train_args(data, root / "run", "--set", "max_steps=2")) == 0
-    return data, root / "run"
-
-
 def _fingerprint(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in files_under(folder) if "tensorboard" not in p.parts}
 
 
-def test_train_into_a_finished_run_is_refused_unless_resume_or_overwrite(finished_run, tmp_path, capsys):
-    data, run = finished_run
+def test_train_into_a_finished_run_is_refused_unless_resume_or_overwrite(trained_run, tmp_path, capsys):
+    data, run = trained_run
     copy = tmp_path / "run"
     subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
     before = _fingerprint(copy)
@@ -232,8 +222,8 @@ def test_case_patient_naming_no_case_is_refused(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ 10 resume
-def test_resume_with_changed_options_is_refused_and_config_untouched(finished_run, tmp_path, capsys):
-    data, run = finished_run
+def test_resume_with_changed_options_is_refused_and_config_untouched(trained_run, tmp_path, capsys):
+    data, run = trained_run
     copy = tmp_path / "run"
     subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
     config_before = (copy / "fold_0" / "config.yaml").read_bytes()
@@ -388,8 +378,8 @@ def test_training_on_slices_too_small_for_the_network_is_one_line(tmp_path, caps
     assert_refused(code, err, "", "slices are 8x8", "at least 16")
 
 
-def test_lock_file_and_temporaries_do_not_outlive_a_normal_run(finished_run):
-    _, run = finished_run
+def test_lock_file_and_temporaries_do_not_outlive_a_normal_run(trained_run):
+    _, run = trained_run
     assert_no_temp_files(run)  # no .modalseg.lock, no .ms-tmp-* after a run that ended normally
 
 
@@ -410,9 +400,9 @@ def test_argument_errors_are_one_line(argv, capsys):
     assert len(err) == 1 and "error:" in err[0] and "usage" not in err[0], err
 
 
-def test_resume_of_a_checkpoint_from_an_older_release_is_not_a_changed_option(finished_run, tmp_path, capsys):
+def test_resume_of_a_checkpoint_from_an_older_release_is_not_a_changed_option(trained_run, tmp_path, capsys):
     """Options added since a checkpoint was written count as their defaults (what the older release did)."""
-    data, run = finished_run
+    data, run = trained_run
     copy = tmp_path / "run"
     subprocess.run(["cp", "-a", str(run), str(copy)], check=True)
     latest = copy / "fold_0" / "latest.pt"
