@@ -321,3 +321,25 @@ def test_nnunet_ignore_label_is_not_trained_as_a_class(tmp_path, capsys):
     data = make_dataset(tmp_path / "ds", labels={"background": 0, "mass": 1, "ignore": 2})
     code, _, err = run_cli(capsys, ["verify", str(data)])
     assert code == 2 and len(err) == 1 and "'ignore' label is not supported for training" in err[0]
+
+
+def test_ct_statistics_are_computed_once_per_set_of_files(tmp_path, monkeypatch):
+    import modalseg.data.intensity as intensity
+
+    root = make_dataset(tmp_path / "ds")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT", "1": "MR"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    from modalseg.data.layouts import load_dataset
+
+    spec = load_dataset(root)
+    calls = []
+    real = intensity._compute
+    monkeypatch.setattr(intensity, "_compute", lambda *a: calls.append(1) or real(*a))
+    first = intensity.dataset_intensity_stats(spec, [0], memo_dir=tmp_path / "memo")
+    again = intensity.dataset_intensity_stats(spec, [0], memo_dir=tmp_path / "memo")
+    assert again == first and len(calls) == 1
+    image = root / "imagesTr" / "c0_0000.nii.gz"
+    _img(image, seed=99)  # an edited file: its statistics are computed anew
+    intensity.dataset_intensity_stats(spec, [0], memo_dir=tmp_path / "memo")
+    assert len(calls) == 2

@@ -61,7 +61,7 @@ _IMAGES, _LABELS, _INDEX = "images.npy", "labels.npy", "index.json"
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint
-def _file_identity(path: Path) -> list[Any]:
+def file_identity(path: Path) -> list[Any]:
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -88,8 +88,8 @@ def cache_fingerprint(
                 "case_id": c.case_id,
                 "patient_id": c.patient_id,
                 "modality": c.modality,
-                "images": [_file_identity(Path(p)) for p in c.images],
-                "label": _file_identity(Path(c.label)) if c.label is not None else None,
+                "images": [file_identity(Path(p)) for p in c.images],
+                "label": file_identity(Path(c.label)) if c.label is not None else None,
             }
             for c in cases
         ],

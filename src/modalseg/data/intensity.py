@@ -9,13 +9,17 @@ in the model's preprocessing, so prediction applies exactly the same mapping.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from modalseg.data.io import read_volume
 from modalseg.data.types import DatasetSpec
-from modalseg.errors import DataError
+from modalseg.errors import DataError, OutputError
+from modalseg.utils.atomic import atomic_write_text
 
 #: foreground voxels sampled per case (nnU-Net samples 10,000)
 VOXELS_PER_CASE = 10_000
@@ -33,10 +37,47 @@ def ct_channels(spec: DatasetSpec) -> list[int]:
 
 
 def dataset_intensity_stats(
-    spec: DatasetSpec, channels: Sequence[int], *, voxels_per_case: int = VOXELS_PER_CASE, seed: int = 0
+    spec: DatasetSpec, channels: Sequence[int], *, voxels_per_case: int = VOXELS_PER_CASE, seed: int = 0,
+    memo_dir: Path | None = None,
 ) -> list[dict[str, float] | None]:
     """``{lo, hi, mean, std}`` of the foreground voxels of every labelled case, for each channel in ``channels``
-    (``None`` elsewhere), from a deterministic sample of ``voxels_per_case`` voxels per case."""
+    (``None`` elsewhere), from a deterministic sample of ``voxels_per_case`` voxels per case.
+
+    With ``memo_dir`` the result is kept there under a key of the files' identities (path, size, mtime, as the
+    slice cache's fingerprint) and the parameters, so a restart or resume does not read every CT volume again.
+    """
+    key = None
+    if memo_dir is not None:
+        key = _memo_key(spec, channels, voxels_per_case, seed)
+        memo = Path(memo_dir) / f"intensity-{key[:16]}.json"
+        try:
+            saved = json.loads(memo.read_text(encoding="utf-8"))
+            if isinstance(saved, dict) and saved.get("key") == key and isinstance(saved.get("stats"), list):
+                return saved["stats"]
+        except (OSError, ValueError):
+            pass  # absent or unreadable: computed again below
+    stats = _compute(spec, channels, voxels_per_case, seed)
+    if key is not None:
+        try:
+            atomic_write_text(memo, json.dumps({"key": key, "stats": stats}))
+        except OutputError:
+            pass  # a read-only cache folder only costs the recomputation next time
+    return stats
+
+
+def _memo_key(spec: DatasetSpec, channels: Sequence[int], voxels_per_case: int, seed: int) -> str:
+    from modalseg.data.cache import file_identity
+
+    files = [[file_identity(Path(c.images[k])) for k in channels] + [file_identity(Path(c.label))]
+             for c in spec.cases if c.label is not None]
+    payload = {"channels": list(channels), "voxels": voxels_per_case, "seed": seed, "files": files,
+               "percentiles": list(PERCENTILES)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _compute(
+    spec: DatasetSpec, channels: Sequence[int], voxels_per_case: int, seed: int
+) -> list[dict[str, float] | None]:
     samples: dict[int, list[np.ndarray]] = {c: [] for c in channels}
     for k, case in enumerate(spec.cases):
         if case.label is None:

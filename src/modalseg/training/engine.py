@@ -131,8 +131,9 @@ def describe_auto_model(cfg: TrainConfig, spec: DatasetSpec) -> str:
 
 def make_preprocess(cfg: TrainConfig, spec: DatasetSpec | None = None) -> PreprocessConfig:
     """The preset of ``cfg`` with its ``preprocess_options``. With ``spec``, the ``default`` preset normalises CT
-    channels as nnU-Net does (``ct_dataset``: the training cases' foreground statistics, data/intensity.py)
-    instead of per volume; an explicit ``normalization`` option wins."""
+    channels as nnU-Net does (``ct_dataset``: the training cases' foreground statistics, data/intensity.py,
+    computed once per set of files and kept beside the slice cache) instead of per volume; an explicit
+    ``normalization`` option wins."""
     presets = {
         "default": PreprocessConfig.default,
         "paper1": PreprocessConfig.paper1,
@@ -151,15 +152,20 @@ def make_preprocess(cfg: TrainConfig, spec: DatasetSpec | None = None) -> Prepro
         if ct:
             base["normalization"] = ["ct_dataset" if i in ct else base["normalization"]
                                      for i in range(len(spec.modalities))]
-            base["intensity_stats"] = dataset_intensity_stats(spec, ct)
+            base["intensity_stats"] = dataset_intensity_stats(spec, ct, memo_dir=cache_folder(cfg, spec))
     base.update(cfg.preprocess_options)
     return PreprocessConfig.from_dict(base)
 
 
+def cache_folder(cfg: TrainConfig, spec: DatasetSpec) -> Path:
+    """``<cache_dir or output/../.modalseg_cache>/<dataset name>``: slice caches and dataset statistics."""
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output).parent / ".modalseg_cache"
+    return child_path(cache_root, spec.name)  # the dataset's name is data, never a path
+
+
 def prepare_cache(cfg: TrainConfig, spec: DatasetSpec, pp: PreprocessConfig, info: DistInfo) -> SliceCache:
     """Build (rank 0) or reuse the slice cache of the whole dataset."""
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output).parent / ".modalseg_cache"
-    cache_dir = child_path(cache_root, spec.name)  # the dataset's name is data, never a path
+    cache_dir = cache_folder(cfg, spec)
     cache = None
     if info.is_main:
         cache = build_slice_cache(spec, pp, cache_dir, progress=cfg.progress, strict=cfg.strict_geometry)
