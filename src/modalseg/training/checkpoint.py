@@ -81,6 +81,17 @@ def _unpickling_reason(exc: BaseException) -> str:
     return "content that is not tensors or plain containers"
 
 
+def first_non_finite(state_dict: dict[str, Any]) -> tuple[str, int] | None:
+    """(name, count) of the first floating-point tensor with NaN/inf values, or ``None``: such weights are never
+    saved (training) nor used (predict): a NaN model predicts background everywhere, read as "no lesion"."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                return name, bad
+    return None
+
+
 def read_model_meta(state: dict[str, Any], ckpt: str | Path) -> ModelMeta:
     """The checkpoint's :class:`ModelMeta`; a missing or malformed description is a one-line
     :class:`CheckpointError` (not a ``TypeError`` from the dataclass)."""

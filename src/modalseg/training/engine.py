@@ -36,7 +36,13 @@ from modalseg.data.preprocess import PreprocessConfig
 from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
 from modalseg.data.types import DatasetSpec
 from modalseg.errors import CheckpointError, ConfigError, TrainingError
-from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta, save_checkpoint
+from modalseg.training.checkpoint import (
+    first_non_finite,
+    load_checkpoint,
+    load_model_state,
+    read_model_meta,
+    save_checkpoint,
+)
 from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
 from modalseg.training.inference import foreground_dice_per_group, input_size_rule, predict_probabilities
@@ -395,12 +401,12 @@ class Trainer:
         """Write a checkpoint, never one with non-finite weights (a diverged model must not become best.pt)."""
         if not self.dist.is_main:
             return
-        for key, tensor in self.network.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise TrainingError(
-                    f"weights became non-finite ({key}) by epoch {self.epoch + 1}, step {self.global_step} "
-                    f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); {name} was not written, the last good "
-                    "checkpoint is kept; lower lr or check the inputs", self.run_dir / name)
+        non_finite = first_non_finite(self.network.state_dict())
+        if non_finite:
+            raise TrainingError(
+                f"weights became non-finite ({non_finite[0]}) by epoch {self.epoch + 1}, step {self.global_step} "
+                f"(lr {self.optimizer.param_groups[0]['lr']:.3g}); {name} was not written, the last good "
+                "checkpoint is kept; lower lr or check the inputs", self.run_dir / name)
         save_checkpoint(self._state(), self.run_dir / name)
 
     def _resume(self) -> None:

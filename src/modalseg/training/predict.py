@@ -31,7 +31,7 @@ from modalseg.data.types import Volume
 from modalseg.data.verify import intensity_problems
 from modalseg.errors import CheckpointError, ConfigError, DataError, OutputError
 from modalseg.models.fold import fold_batch_norm
-from modalseg.training.checkpoint import load_checkpoint, load_model_state, read_model_meta
+from modalseg.training.checkpoint import first_non_finite, load_checkpoint, load_model_state, read_model_meta
 from modalseg.training.inference import ensemble_probabilities, predict_probabilities
 from modalseg.training.model_meta import ModelMeta, build_network
 from modalseg.training.precision import Precision
@@ -145,7 +145,10 @@ def load_models(
                 raise CheckpointError(f"cannot rebuild the model it describes ({detail})", ckpt) from None
             if not isinstance(state["model_state"], dict):
                 raise CheckpointError("checkpoint has no weights (model_state is not a mapping)", ckpt)
-            check_finite_weights(state["model_state"], ckpt)
+            non_finite = first_non_finite(state["model_state"])
+            if non_finite:
+                raise CheckpointError(f"refused: {non_finite[1]} non-finite (NaN/inf) value(s) in weight "
+                                      f"{non_finite[0]}", ckpt)
             load_model_state(network, state["model_state"], ckpt)
             fold_batch_norm(network)  # inference only: conv + eval-mode BN = one conv (models/fold.py)
             if precision is None:
@@ -158,16 +161,6 @@ def load_models(
         if (m.meta.labels, m.meta.modalities, m.meta.preprocess) != (first.labels, first.modalities, first.preprocess):
             raise CheckpointError(f"cannot ensemble: model {m.meta.describe()} differs from {first.describe()}", m.path)
     return models
-
-
-def check_finite_weights(state_dict: dict, source: str | Path) -> None:
-    """Refuse weights with NaN/inf: such a model predicts background everywhere, read as "no lesion"."""
-    import torch
-
-    for name, tensor in state_dict.items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"refused: {bad} non-finite (NaN/inf) value(s) in weight {name}", source)
 
 
 def _one_file_per_case(files: Sequence[Path], key) -> dict[str, Path]:
