@@ -47,6 +47,7 @@ if str(BENCH_DIR) not in sys.path:
 from modalseg.models import create_model  # noqa: E402
 from modalseg.models.paper1 import PAPER1_MODELS  # noqa: E402
 from modalseg.training.precision import Precision, resolve_precision  # noqa: E402
+from modalseg.training.step import TrainStep  # noqa: E402
 from modalseg.training.tasks import SINGLE_MODALITY_MODELS, PairedLoss, UnpairedLoss  # noqa: E402
 from modalseg.utils.host_memory import keep_freed_memory  # noqa: E402
 
@@ -250,9 +251,10 @@ def make_train_case(
 ) -> TrainCase:
     """Wrap ``spec`` like the trainer: loss module (Dice + CE, paper 1 Eq. 1), Adam(amsgrad), ``Precision``.
 
-    ``step()`` moves the batch with ``precision.to_input`` (labels to the device, as ``Trainer._step_batches``),
-    runs zero_grad, the forward under autocast, backward and the optimiser step (through a ``GradScaler`` for
-    fp16, as ``Trainer.fit``), and returns the loss. ``precision`` overrides ``mode`` (e.g. a CUDA device).
+    ``step()`` moves the batch with ``precision.to_input`` (labels to the device, as the trainer's task does) and
+    runs the trainer's own optimisation step (``training.step.TrainStep``: zero_grad, forward under autocast,
+    finite checks, backward, optimiser step through a ``GradScaler`` for fp16), and returns the loss.
+    ``precision`` overrides ``mode`` (e.g. a CUDA device).
     """
     precision = precision or precision_for(mode)
     if spec.kind == "paired":
@@ -262,7 +264,7 @@ def make_train_case(
                               kd_temperature=2.0, conv_l2=0.0)
     module = precision.prepare_model(module).train()
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, amsgrad=True, fused=True)  # as the trainer
-    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.dtype is torch.float16)
+    train_step = TrainStep(module, optimizer, precision)
     data = synthetic_batch(spec, batch, size, seed=seed)
     dev = precision.device
 
@@ -274,16 +276,10 @@ def make_train_case(
         return ([precision.to_input(x) for x in xs], [y.to(dev) for y in ys])
 
     def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            loss, parts = module(*args())
-        scaler.scale(loss).backward()
-        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-        scaler.step(optimizer)
-        scaler.update()
-        if scaler.is_enabled() and scaler.get_scale() < scale:
+        result = train_step(*args())
+        if result.skipped:
             case.skipped_steps += 1
-        return parts["loss"]
+        return result.loss
 
     def forward() -> None:
         with torch.no_grad(), precision.autocast():
@@ -295,7 +291,8 @@ def make_train_case(
                     module.network(x, modality=k)
 
     n = batch * (spec.num_modalities if spec.kind == "unpaired" else 1)
-    case = TrainCase(spec, precision, batch, size, step, forward, n, module=module, data=data, scaler=scaler)
+    case = TrainCase(spec, precision, batch, size, step, forward, n, module=module, data=data,
+                     scaler=train_step.scaler)
     return case
 
 

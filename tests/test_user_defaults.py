@@ -17,6 +17,7 @@ from modalseg.data.sampling import EpochBatchSampler
 from modalseg.training.checkpoint import load_checkpoint
 from modalseg.training.config import TrainConfig
 from modalseg.training.engine import Trainer, make_preprocess, resolve_recipe
+from modalseg.training.tasks import SplitPrediction
 from test_reliability import _img, make_dataset, run_cli, train_args
 
 
@@ -110,6 +111,11 @@ def test_foreground_oversampling_is_deterministic_and_equal_under_ddp_sharding()
 
 
 # ------------------------------------------------------------------------------------------------ validation
+def _split(trainer, pred, val) -> SplitPrediction:
+    """What ``Trainer.predict_split`` returns for the paired group ``all``, with ``pred`` as the prediction."""
+    return SplitPrediction(pred, np.asarray(trainer.cache.labels[val]), [trainer.cache.records[i] for i in val], val)
+
+
 def test_validation_scores_whole_volumes_so_false_positives_off_the_lesion_count(tmp_path, monkeypatch):
     """A model that floods the unlabelled slices with foreground: the default preset validates every slice, so
     its volume Dice is low; the paper preset's labelled-slice score (shown as such) would call it perfect."""
@@ -117,7 +123,7 @@ def test_validation_scores_whole_volumes_so_false_positives_off_the_lesion_count
     scores = {}
     for preset in ("default", "paper1"):
         trainer = Trainer(_cfg(data, tmp_path / preset, preprocess=preset), console=False)
-        val = np.sort(trainer.val_idx)
+        val = trainer.task.groups("val")["all"]
         slices_per_case = {trainer.cache.records[i]["case_id"] for i in val}
         assert len(val) == len(slices_per_case) * (8 if preset == "default" else 2)
 
@@ -126,7 +132,7 @@ def test_validation_scores_whole_volumes_so_false_positives_off_the_lesion_count
             pred = target.copy()
             empty = ~target.reshape(len(val), -1).any(1)
             pred[empty] = 1  # false positives on every slice without lesion
-            return {"all": (pred, target, [trainer.cache.records[i]["patient_id"] for i in val])}
+            return {"all": _split(trainer, pred, val)}
 
         monkeypatch.setattr(trainer, "predict_split", flood)
         scores[preset] = (trainer.validate(), trainer.val_scope)
@@ -140,12 +146,12 @@ def test_best_checkpoint_is_never_a_degenerate_epoch(tmp_path, monkeypatch):
     calls = {"n": 0}
 
     def predictions(which="val"):
-        val = np.sort(trainer.val_idx)
+        val = trainer.task.groups("val")["all"]
         target = np.asarray(trainer.cache.labels[val])
         calls["n"] += 1
         # epoch 1: everything foreground (Dice 0.4 > -inf would have become best), 2: right, 3: empty
         pred = {1: np.ones_like(target), 2: target.copy(), 3: np.zeros_like(target)}[calls["n"]]
-        return {"all": (pred, target, [trainer.cache.records[i]["patient_id"] for i in val])}
+        return {"all": _split(trainer, pred, val)}
 
     monkeypatch.setattr(trainer, "predict_split", predictions)
     trainer.fit()
@@ -161,9 +167,9 @@ def test_a_run_with_only_degenerate_epochs_writes_no_best_and_predict_says_it_us
     trainer = Trainer(_cfg(data, tmp_path / "run"), console=False)
 
     def empty(which="val"):
-        val = np.sort(trainer.val_idx)
+        val = trainer.task.groups("val")["all"]
         target = np.asarray(trainer.cache.labels[val])
-        return {"all": (np.zeros_like(target), target, [trainer.cache.records[i]["patient_id"] for i in val])}
+        return {"all": _split(trainer, np.zeros_like(target), val)}
 
     monkeypatch.setattr(trainer, "predict_split", empty)
     trainer.fit()

@@ -117,16 +117,15 @@ def _figures(trainers, out: Path, plot_overlays, plot_attention_maps) -> list[Pa
 
     ma = trainers["master_assistant"]
     cache = ma.cache
-    idx = np.sort(ma.val_idx)
+    idx = ma.task.groups("val")["all"]
     fg = [i for i in idx if cache.labels[i].any()]
     chosen = (fg or list(idx))[:3]
     examples = []
     for i in chosen:
-        preds = {
-            name: predict_probabilities(tr.network, np.asarray(cache.images[[i]])[:, tr.channel_index],
-                                        tr.precision).argmax(1)[0]
-            for name, tr in trainers.items()
-        }
+        preds = {}
+        for name, tr in trainers.items():
+            images, modality = tr.task.inputs("all", np.array([i]))
+            preds[name] = predict_probabilities(tr.network, images, tr.precision, modality=modality).argmax(1)[0]
         # Dice (%) in the corner is computed by plot_overlays from the masks
         examples.append({"image": np.asarray(cache.images[i, 0]), "gt": np.asarray(cache.labels[i]),
                          "preds": preds})
@@ -134,8 +133,8 @@ def _figures(trainers, out: Path, plot_overlays, plot_attention_maps) -> list[Pa
     net = ma.network
     net.eval()
     with torch.no_grad():
-        x = torch.as_tensor(np.asarray(cache.images[[chosen[0]]]))[:, ma.channel_index]
-        net(ma.precision.to_input(x))
+        images, _ = ma.task.inputs("all", np.array([chosen[0]]))
+        net(ma.precision.to_input(torch.as_tensor(np.asarray(images))))
     maps = {k: [m[0, 0].float().cpu().numpy() for m in v] for k, v in net.attention_maps.items()}
     names = dict(zip(["master", "assistant1"], ma.meta.modalities, strict=False))
     maps = {names.get(k, k): v for k, v in maps.items()}

@@ -17,9 +17,7 @@ at any point and resumed reaches the same weights as an uninterrupted run on CPU
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 import time
 from pathlib import Path
@@ -33,9 +31,9 @@ from torch import nn
 from modalseg.data.cache import SliceCache, build_slice_cache
 from modalseg.data.layouts import load_dataset
 from modalseg.data.preprocess import PreprocessConfig
-from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
 from modalseg.data.types import DatasetSpec
 from modalseg.errors import CheckpointError, ConfigError, TrainingError
+from modalseg.training.callbacks import Callback, EpochEnd, default_callbacks
 from modalseg.training.checkpoint import (
     first_non_finite,
     load_checkpoint,
@@ -48,15 +46,9 @@ from modalseg.training.distributed import DistInfo, barrier, init_distributed
 from modalseg.training.inference import foreground_dice_per_group, input_size_rule, predict_probabilities
 from modalseg.training.precision import Precision, resolve_device, resolve_precision
 from modalseg.training.splits import resolve_splits
-from modalseg.training.tasks import (
-    SINGLE_MODALITY_MODELS,
-    ModelMeta,
-    PairedLoss,
-    UnpairedLoss,
-    build_network,
-    paired_channels,
-)
-from modalseg.utils.atomic import atomic_write_bytes, atomic_write_text
+from modalseg.training.step import NonFiniteStep, StepResult, TrainStep
+from modalseg.training.tasks import ModelMeta, SplitPrediction, TrainBatch, build_network, task_for
+from modalseg.utils.atomic import atomic_write_text
 from modalseg.utils.names import child_path
 from modalseg.utils.run_lock import RunLock
 from modalseg.utils.seed import seed_everything
@@ -93,14 +85,8 @@ def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
 
     return sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and not same(k))
 
-PAPER1_RECIPE = {"batch_size": 4, "amsgrad": True, "lr_step": 30, "lr_gamma": 0.5, "lr_step_unit": "epoch",
-                 "conv_l2": 0.0, "model": "master_assistant"}
-PAPER2_RECIPE = {"batch_size": 8, "amsgrad": False, "lr_step": 1000, "lr_gamma": 0.95, "lr_step_unit": "iteration",
-                 "conv_l2": 0.0, "model": "dilated_fcn"}
-
-
 def resolve_recipe(cfg: TrainConfig, spec: DatasetSpec) -> TrainConfig:
-    """Fill ``None``/``auto`` options from the dataset.
+    """Fill ``None``/``auto`` options from the dataset (its :class:`~modalseg.training.tasks.Task` decides).
 
     Optimisation follows the paper that matches the data (paired: paper 1, unpaired: paper 2). Preprocessing
     does not for paired data: ``auto`` is the ``default`` preset (every slice, robust z-score, aspect kept; see
@@ -109,30 +95,12 @@ def resolve_recipe(cfg: TrainConfig, spec: DatasetSpec) -> TrainConfig:
     the paper configs do). Unpaired data keeps paper 2's presets (the only unpaired recipe). ``model: auto``:
     one channel -> ``unet``, two or more -> ``master_assistant``, unpaired -> ``dilated_fcn``.
     """
-    recipe = dict(PAPER1_RECIPE if spec.paired else PAPER2_RECIPE)
-    if spec.paired and len(cfg.modalities or spec.modalities) == 1:
-        recipe["model"] = "unet"
-    if not spec.paired and cfg.setting == "ummkd":
-        recipe["conv_l2"] = 1e-4  # UMMKD's L2 on conv kernels (facts file)
-    updates = {k: v for k, v in recipe.items() if getattr(cfg, k) in (None, "auto")}
-    preprocess = cfg.preprocess
-    if preprocess == "auto":
-        preprocess = updates["preprocess"] = "default" if spec.paired else {
-            "mscmrseg": "paper2_mscmrseg", "mmwhs": "paper2_mmwhs"}.get(spec.layout, "paper2_synth")
-    if cfg.foreground_fraction is None:
-        updates["foreground_fraction"] = 1.0 / 3.0 if preprocess == "default" else 0.0
-    return dataclasses.replace(cfg, **updates)
+    return task_for(spec).resolve(cfg)
 
 
 def describe_auto_model(cfg: TrainConfig, spec: DatasetSpec) -> str:
     """The one line ``model: auto`` prints before any cache is built."""
-    mods = list(cfg.modalities or spec.modalities)
-    if not spec.paired:
-        return f"model auto: {cfg.model} (unpaired data, setting {cfg.setting}, modalities {', '.join(mods)})"
-    if cfg.model in SINGLE_MODALITY_MODELS:
-        return f"model auto: {cfg.model} (one channel: {mods[0]})"
-    rest = f", {', '.join(mods[1:])} assistant{'s' if len(mods) > 2 else ''}" if len(mods) > 1 else ""
-    return f"model auto: {cfg.model} ({len(mods)} channels: {mods[0]} master{rest})"
+    return task_for(spec).describe_auto_model(cfg)
 
 
 def make_preprocess(cfg: TrainConfig, spec: DatasetSpec | None = None) -> PreprocessConfig:
@@ -182,13 +150,22 @@ def prepare_cache(cfg: TrainConfig, spec: DatasetSpec, pp: PreprocessConfig, inf
 
 
 class Trainer:
-    """Train one fold of one run. ``Trainer(cfg).fit()``; ``resume=True`` continues from ``latest.pt``."""
+    """Train one fold of one run. ``Trainer(cfg).fit()``; ``resume=True`` continues from ``latest.pt``.
+
+    The trainer runs steps (:meth:`train_step`) and asks its :class:`~modalseg.training.tasks.Task` everything
+    that differs between paired and unpaired learning; validation, checkpoints, logs and console lines are
+    callbacks (training/callbacks.py; ``callbacks=`` replaces the default list). Public state: ``cfg``,
+    ``spec``, ``task``, ``cache``, ``split``, ``meta``, ``network``, ``precision``, ``run_dir``, ``epoch``,
+    ``batch_in_epoch``, ``global_step``, ``best``, ``best_epoch``, ``history``.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, console: bool = True
+        self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, console: bool = True,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         #: print the lines a person reads (auto choices, one line per epoch); off for ``train --json``
         self.console = console
+        self.callbacks: list[Callback] = default_callbacks() if callbacks is None else list(callbacks)
         self.device = resolve_device(cfg.device)
         self.dist = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -202,29 +179,24 @@ class Trainer:
         self.spec = load_dataset(cfg.data, cfg.layout)
         for warning in self.spec.warnings:
             self._say(f"warning: {warning}")
+        self.task = task_for(self.spec)
         model_was_auto = cfg.model == "auto"
-        self.cfg = cfg = resolve_recipe(cfg, self.spec)
+        self.cfg = cfg = self.task.resolve(cfg)
         if model_was_auto:
-            self._say(describe_auto_model(cfg, self.spec))
+            self._say(self.task.describe_auto_model(cfg))
         self.precision: Precision = resolve_precision(self.device, cfg.precision, cfg.channels_last)
         self.pp = make_preprocess(cfg, self.spec)
-        self.cache = prepare_cache(cfg, self.spec, self.pp, self.dist)
+        self.cache: SliceCache = prepare_cache(cfg, self.spec, self.pp, self.dist)
         patients = sorted(self.cache.patients)
-        # unpaired data: each modality has its own patients; stratify so every fold validates on every modality
-        strata = None if self.spec.paired else {r["patient_id"]: r["modality"] for r in self.cache.records}
         if cfg.train_all:  # nnU-Net's `-f all`: one model on every case, nothing held out
             self.split = {"train": patients, "val": []}
         else:
             # our splits.json (patient ids), else nnU-Net's splits_final.json (case ids), else a new split
-            splits = resolve_splits(cfg.output, self.cache.patients, cfg.folds, cfg.split_seed, strata,
-                                    dataset_root=cfg.data, log=self._say)
+            splits = resolve_splits(cfg.output, self.cache.patients, cfg.folds, cfg.split_seed,
+                                    self.task.strata(self.cache), dataset_root=cfg.data, log=self._say)
             self.split = splits[cfg.fold]
-        self.paired = self.spec.paired
         self._build_model()
         self._build_data()
-        if not self.paired:  # after _build_data (steps_per_epoch) and the precision probe (its copies never measure)
-            every = cfg.grad_ratio_every
-            self.loss_module.grad_ratio_every = self.steps_per_epoch if every is None else int(every)
         self._build_optimiser()
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -233,10 +205,10 @@ class Trainer:
         self.best_epoch: int | None = None
         self.last_validation_degenerate = False
         self.history: list[dict[str, float]] = []
+        self.epoch_images = 0  # images stepped in the current epoch (all processes)
         if resume:
             self._resume()
-        if not self.paired:
-            self.loss_module.aux_forwards = self.batch_in_epoch  # measure at epoch starts after a resume too
+        self.task.start(self.loss_module, cfg, self.batch_in_epoch)
 
     # ------------------------------------------------------------------ construction
     def _check_run_folder(self) -> None:
@@ -252,37 +224,21 @@ class Trainer:
     def _build_model(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.seed)
-        if self.paired:
-            modalities = paired_channels(self.spec, cfg.model, cfg.modalities)
-        else:
-            modalities = list(cfg.modalities or self.spec.modalities)
-            unknown = [m for m in modalities if m not in self.spec.modalities]
-            if unknown:
-                raise ConfigError(f"modalities {unknown} not in the dataset's modalities {self.spec.modalities}")
+        modalities = self.task.model_modalities(cfg)
         self.meta = ModelMeta(
-            kind="paired" if self.paired else "unpaired",
+            kind=self.task.kind,
             model=cfg.model,
             model_options=dict(cfg.model_options),
             modalities=modalities,
             num_classes=self.spec.num_classes,
             labels=dict(self.spec.labels),
             preprocess=self.pp.to_dict(),
-            setting=None if self.paired else cfg.setting,
+            setting=self.task.setting(cfg),
             feature_layers=list(cfg.feature_layers) if cfg.feature_layers else None,
             channel_names=list(self.spec.modalities),
         )
         self.network = build_network(self.meta)
-        if self.paired:
-            loss_module: nn.Module = PairedLoss(self.network, cfg.ce_weight)
-            self.channel_index = [self.spec.modalities.index(m) for m in modalities]
-        else:
-            loss_module = UnpairedLoss(
-                self.network, cfg.setting, ce_weight=cfg.ce_weight,
-                affinity_weight=cfg.affinity_weight, kd_weight=cfg.kd_weight,
-                kd_temperature=cfg.kd_temperature, conv_l2=float(cfg.conv_l2 or 0.0),
-                csa_reading=cfg.csa_reading, csa_region_norm=cfg.csa_region_norm, dice_form=cfg.dice_form,
-                kd_absent_classes=cfg.kd_absent_classes,
-            )
+        loss_module = self.task.build_loss(self.network, cfg)
         if cfg.sync_bn and self.dist.enabled and self.device.type == "cuda":
             loss_module = nn.SyncBatchNorm.convert_sync_batchnorm(loss_module)
         if cfg.precision == "auto":
@@ -316,19 +272,15 @@ class Trainer:
         return choice[0]
 
     def _probe_example(self) -> tuple:
-        """A training batch for the precision probe: the loss module's (images, labels) from the cache."""
-        n = min(len(self.cache), self.cfg.batch_size or 2)
-        x, y = self.cache.get_batch(np.arange(n))
-        if self.paired:
-            return x[:, [self.spec.modalities.index(m) for m in self.meta.modalities]], y
-        return [x] * len(self.meta.modalities), [y] * len(self.meta.modalities)
+        """A training batch for the precision probe (the task's (images, labels) from the cache)."""
+        self.task.cache = self.cache
+        return self.task.probe_example(self.cfg.batch_size or 2)
 
     def _build_data(self) -> None:
         cfg = self.cfg
         cases_of = self.cache.patients  # patient id -> its case ids
         train_cases = sorted(c for p in self.split["train"] for c in cases_of.get(p, ()))
         val_cases = sorted(c for p in self.split["val"] for c in cases_of.get(p, ()))
-        ws, rank = self.dist.world_size, self.dist.rank
         multiple, minimum = input_size_rule(self.network)
         height, width = (int(v) for v in self.cache.images.shape[-2:])
         if height % multiple or width % multiple or min(height, width) < minimum:
@@ -337,36 +289,10 @@ class Trainer:
                 f"slices are {height}x{width} but model {cfg.model} needs sides of at least {minimum} that are "
                 f"multiples of {multiple} (its downsampling); set preprocess_options target_size (e.g. "
                 f"[{need[0] + (-need[0]) % multiple}, {need[1] + (-need[1]) % multiple}]) or a smaller depth")
+        ws = self.dist.world_size
         if cfg.batch_size % ws:
             raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {ws} processes")
-        if self.paired:
-            self.train_idx = self.cache.indices_for(case_ids=train_cases)
-            self.val_idx = self.cache.indices_for(case_ids=val_cases)
-            foreground = np.array([bool(self.cache.records[i].get("foreground")) for i in self.train_idx])
-            self.sampler = EpochBatchSampler(
-                self.train_idx, cfg.batch_size // ws, shuffle=True, seed=cfg.seed, drop_last=True,
-                rank=rank, world_size=ws, foreground=foreground, foreground_fraction=cfg.foreground_fraction or 0.0,
-            )
-            self.steps_per_epoch = self.sampler.num_batches(0)
-        else:
-            self.train_idx_by_mod = {
-                m: self.cache.indices_for(case_ids=train_cases, modality=m) for m in self.meta.modalities
-            }
-            self.val_idx_by_mod = {
-                m: self.cache.indices_for(case_ids=val_cases, modality=m) for m in self.meta.modalities
-            }
-            for m, idx in self.train_idx_by_mod.items():
-                if len(idx) == 0:
-                    raise ConfigError(f"no training slices of modality {m} in fold {cfg.fold}")
-            self.sampler_unpaired = UnpairedBatchSampler(
-                self.train_idx_by_mod, cfg.batch_size // ws, seed=cfg.seed, rank=rank, world_size=ws
-            )
-            largest = max(len(v) for v in self.train_idx_by_mod.values())
-            self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"fold {cfg.fold} has {len(getattr(self, 'train_idx', []))} training slices, fewer than one batch"
-            )
+        self.steps_per_epoch = self.task.plan(self.cache, train_cases, val_cases, cfg, self.dist.rank, ws)
 
     def _build_optimiser(self) -> None:
         cfg = self.cfg
@@ -375,9 +301,13 @@ class Trainer:
             self.loss_module.parameters(), lr=cfg.lr, amsgrad=bool(cfg.amsgrad), fused=True
         )
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-        # fp16 autocast (CUDA GPUs without bf16) needs loss scaling against gradient underflow; bf16 and fp32
-        # do not (the scaler is then a pass-through).
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.dtype is torch.float16)
+        self.stepper = TrainStep(self.loss_module, self.optimizer, self.precision, forward_module=self.step_module,
+                                 scheduler=self.scheduler, per_iteration=cfg.lr_step_unit == "iteration")
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """The fp16 loss scaler (a pass-through for bf16 and fp32)."""
+        return self.stepper.scaler
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
@@ -393,6 +323,7 @@ class Trainer:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "history": self.history,
+            "callbacks": {type(c).__name__: c.state_dict() for c in self.callbacks if c.state_dict()},
             "meta": self.meta.to_dict(),
             "config": self.cfg.to_dict(),
         }
@@ -433,8 +364,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(state["optimizer_state"])
             self.scheduler.load_state_dict(state["scheduler_state"])
-            if state.get("scaler_state"):
-                self.scaler.load_state_dict(state["scaler_state"])
+            self.stepper.load_state_dict(state)
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"optimiser state does not match ({exc})", path) from None
         torch.set_rng_state(state["rng_torch"])
@@ -444,29 +374,30 @@ class Trainer:
         self.best = float(state["best"])
         self.best_epoch = state.get("best_epoch")
         self.history = list(state["history"])
+        saved_callbacks = state.get("callbacks") or {}
+        for c in self.callbacks:
+            if type(c).__name__ in saved_callbacks:
+                c.load_state_dict(saved_callbacks[type(c).__name__])
 
     # ------------------------------------------------------------------ steps
-    def _step_batches(self, epoch: int, start: int):
-        """Yield (args for the step module, number of images) for the batches of ``epoch`` from ``start``."""
-        to_in = self.precision.to_input
-        if self.paired:
-            for idx in self.sampler.batches(epoch, start_batch=start):
-                x, y = self.cache.get_batch(idx)
-                x = x[:, self.channel_index]
-                yield (to_in(x), y.to(self.device)), len(idx)
-        else:
-            first = epoch * self.steps_per_epoch + start
-            for batch in self.sampler_unpaired.steps(first, self.steps_per_epoch - start):
-                xs, ys = [], []
-                for m in self.meta.modalities:
-                    x, y = self.cache.get_batch(batch[m])
-                    xs.append(to_in(x))
-                    ys.append(y.to(self.device))
-                yield (xs, ys), sum(len(v) for v in batch.values())
+    def train_step(self, batch: TrainBatch) -> StepResult:
+        """One optimisation step on ``batch`` (from ``task.batches``); advances the step counters.
 
-    def _forward(self, args: tuple) -> tuple[torch.Tensor, dict[str, float]]:
+        A non-finite loss or gradient norm stops the run with one line before the weights change.
+        """
         try:
-            return self.step_module(*args)
+            result = self.stepper(*batch.args)
+        except NonFiniteStep as bad:
+            parts = ", ".join(f"{k}={v:.4g}" for k, v in bad.parts.items())
+            where = f"at epoch {self.epoch + 1}, step {self.global_step + 1}"
+            if bad.what == "loss":
+                message = (f"loss became {bad.value} {where} ({parts}); lower lr or check the inputs; the last "
+                           "checkpoint is kept")
+            else:
+                message = (f"gradient norm became {bad.value} {where} (loss {bad.parts.get('loss', math.nan):.4g}, "
+                           f"lr {self.optimizer.param_groups[0]['lr']:.3g}); the step was not applied, the last "
+                           "checkpoint is kept; lower lr or check the inputs")
+            raise TrainingError(message, self.run_dir / "latest.pt") from None
         except ValueError as exc:
             if "Expected more than 1 value per channel" not in str(exc):
                 raise
@@ -474,6 +405,10 @@ class Trainer:
                 f"batch_size {self.cfg.batch_size} leaves one value per channel at the network's deepest BatchNorm "
                 "(image too small for the network's depth); use a larger batch_size or image size"
             ) from None
+        self.batch_in_epoch += 1
+        self.global_step += 1
+        self.epoch_images += batch.num_images * self.dist.world_size
+        return result
 
     def fit(self) -> dict[str, Any]:
         """Train to ``cfg.epochs`` (or ``cfg.max_steps``), validating, logging and checkpointing."""
@@ -492,88 +427,67 @@ class Trainer:
             (self.run_dir / name).unlink()
         shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
 
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         t_fit = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        writer = self._tensorboard()
-        stop = False
-        while self.epoch < cfg.epochs and not stop:
-            self.network.train()
-            losses: list[float] = []
-            ratios: list[float] = []
-            n_images, t0 = 0, time.perf_counter()
-            bar = self._progress_bar()
-            for args, n in self._step_batches(self.epoch, self.batch_in_epoch):
-                self.optimizer.zero_grad(set_to_none=True)
-                with self.precision.autocast():
-                    loss, parts = self._forward(args)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {float(loss)} at epoch {self.epoch + 1}, step {self.global_step + 1} "
-                        f"({', '.join(f'{k}={v:.4g}' for k, v in parts.items())}); lower lr or check the inputs; "
-                        "the last checkpoint is kept", self.run_dir / "latest.pt")
-                self.scaler.scale(loss).backward()
-                if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps by design
-                    self._check_gradients(float(loss.detach()))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if cfg.lr_step_unit == "iteration":
-                    self.scheduler.step()
-                self.batch_in_epoch += 1
-                self.global_step += 1
-                losses.append(parts["loss"])
-                if "aux_grad_ratio" in parts:
-                    ratios.append(parts["aux_grad_ratio"])
-                n_images += n * self.dist.world_size
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{parts['loss']:.4f}", img_s=f"{n_images / (time.perf_counter() - t0):.2f}")
-                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
-                    self.save("latest.pt")
-                if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
-                    stop = True
-                    break
-            if bar is not None:
-                bar.close()
-            epoch_done = self.batch_in_epoch >= self.steps_per_epoch
-            if epoch_done:
-                if cfg.lr_step_unit == "epoch":
-                    self.scheduler.step()
-                self.epoch += 1
-                self.batch_in_epoch = 0
-            if epoch_done or stop:
-                record = {"epoch": self.epoch, "step": self.global_step,
-                          "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                          "lr": self.optimizer.param_groups[0]["lr"],
-                          "img_per_s": n_images / max(time.perf_counter() - t0, 1e-9)}
-                if ratios:  # does the auxiliary loss act? ||grad(lambda L_aux)|| / ||grad(Dice+CE)|| (paper 2)
-                    record["aux_grad_ratio"] = float(np.mean(ratios))
-                improved = False
-                if self.epoch % cfg.val_every == 0 or stop or self.epoch == cfg.epochs:
-                    self._guard_precision()
-                    record["val_dice"] = self.validate()
-                    record["degenerate"] = int(self.last_validation_degenerate)
-                    # A NaN score never wins (NaN > x is False), nor does a degenerate epoch (empty or
-                    # all-foreground predictions on every validation case), however its Dice compares.
-                    improved = record["val_dice"] > self.best and not self.last_validation_degenerate
-                    if improved:
-                        self.best, self.best_epoch = record["val_dice"], self.epoch
-                record["time_s"] = time.perf_counter() - t0
-                self.history.append(record)
-                if improved:
-                    self.save("best.pt")
-                self.save("latest.pt")
-                self._log(record, writer)
-                self._print_epoch(record, improved)
-        if writer is not None:
-            writer.close()
+        self._call("on_fit_start")
+        try:
+            stop = False
+            while self.epoch < cfg.epochs and not stop:
+                stop = self._run_epoch()
+        finally:
+            self._call("on_fit_end")
         barrier(self.dist)
         return {"best_val_dice": self.best, "best_epoch": self.best_epoch, "val_scope": self.val_scope,
                 "epochs": self.epoch, "steps": self.global_step, "run_dir": str(self.run_dir),
                 "wall_s": time.perf_counter() - t_fit}
+
+    def _run_epoch(self) -> bool:
+        """The rest of the current epoch; returns whether ``max_steps`` stopped the run."""
+        cfg = self.cfg
+        self.network.train()
+        losses: list[float] = []
+        ratios: list[float] = []
+        self.epoch_images, t0 = 0, time.perf_counter()
+        stop = False
+        self._call("on_epoch_start")
+        for batch in self.task.batches(self.epoch, self.batch_in_epoch, self.precision):
+            result = self.train_step(batch)
+            losses.append(result.loss)
+            if "aux_grad_ratio" in result.parts:
+                ratios.append(result.parts["aux_grad_ratio"])
+            self._call("on_step_end", result)
+            if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+                stop = True
+                break
+        self._call("on_train_epoch_end")
+        epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+        if epoch_done:
+            if cfg.lr_step_unit == "epoch":
+                self.scheduler.step()
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        if not (epoch_done or stop):
+            return stop
+        record = {"epoch": self.epoch, "step": self.global_step,
+                  "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "img_per_s": self.epoch_images / max(time.perf_counter() - t0, 1e-9)}
+        if ratios:  # does the auxiliary loss act? ||grad(lambda L_aux)|| / ||grad(Dice+CE)|| (paper 2)
+            record["aux_grad_ratio"] = float(np.mean(ratios))
+        end = EpochEnd(record, stopped=stop)
+        self._call("on_validation", end)
+        record["time_s"] = time.perf_counter() - t0
+        self.history.append(record)
+        self._call("on_epoch_end", end)
+        return stop
 
     @property
     def val_scope(self) -> str:
@@ -585,32 +499,8 @@ class Trainer:
         if self.console and self.dist.is_main:
             print(line, flush=True)
 
-    def _print_epoch(self, record: dict[str, Any], improved: bool) -> None:
-        """One line per epoch for a person (the progress bar disappears when the epoch ends)."""
-        if not (self.console and self.dist.is_main):
-            return
-        parts = [f"epoch {record['epoch']}/{self.cfg.epochs}", f"train loss {record['train_loss']:.4f}"]
-        if "val_dice" in record:
-            val = f"val {self.val_scope} Dice {record['val_dice']:.4f}"
-            if improved:
-                val += " (best)"
-            elif record.get("degenerate"):
-                val += " (degenerate prediction: not eligible for best.pt)"
-            parts.append(val)
-        parts.append(f"{record['time_s']:.1f} s")
-        print(", ".join(parts), flush=True)
-
-    def _check_gradients(self, loss: float) -> None:
-        grads = [p.grad for p in self.loss_module.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if not math.isfinite(norm):
-            raise TrainingError(
-                f"gradient norm became {norm} at epoch {self.epoch + 1}, step {self.global_step + 1} (loss {loss:.4g},"
-                f" lr {self.optimizer.param_groups[0]['lr']:.3g}); the step was not applied, the last checkpoint is "
-                "kept; lower lr or check the inputs", self.run_dir / "latest.pt")
-
     # ------------------------------------------------------------------ validation
-    def _guard_precision(self) -> None:
+    def guard_precision(self) -> None:
         """Once, at the first validation: an ``auto``-chosen low precision is kept only if its validation
         predictions match fp32's (precision_probe.accuracy_guard); else training continues in fp32 with the same
         memory format (so parameters and optimiser state keep their layout). Rank 0 decides for all ranks."""
@@ -622,18 +512,15 @@ class Trainer:
 
         label: list[str | None] = [None]
         if self.dist.is_main:
-            groups = {"all": self.val_idx} if self.paired else self.val_idx_by_mod
-            k, idx = next(((k, np.sort(v)[:16]) for k, v in enumerate(groups.values()) if len(v)), (0, None))
+            group, idx = next(((g, v[:16]) for g, v in self.task.groups("val").items() if len(v)), (None, None))
             if idx is not None:
-                images = self.cache.images[idx]
-                if self.paired:
-                    images = images[:, self.channel_index]
+                images, modality = self.task.inputs(group, idx)
                 target = np.asarray(self.cache.labels[idx])
                 fp32 = "fp32+channels_last" if self.precision.channels_last else "fp32"
                 candidate = dataclasses.replace(self.precision, auto=dataclasses.replace(info, fp32_fallback=fp32))
                 chosen, line = accuracy_guard(
                     candidate,
-                    lambda p: predict_probabilities(self.network, images, p, modality=None if self.paired else k),
+                    lambda p: predict_probabilities(self.network, images, p, modality=modality),
                     target=target, num_classes=self.meta.num_classes)
                 self.network.train()
                 self._say(line)
@@ -644,6 +531,7 @@ class Trainer:
             tdist.broadcast_object_list(label, src=0)
         if label[0] is not None and label[0] != self.precision.label:
             self.precision = Precision.from_label(self.device, label[0])
+            self.stepper.precision = self.precision
 
     def validate(self) -> float:
         """Mean foreground Dice per validation patient (slices stacked), averaged (over modalities if unpaired).
@@ -656,11 +544,10 @@ class Trainer:
         self.last_validation_degenerate = False
         if not self.dist.is_main:
             return float("nan")
-        preds = self.predict_split()
         scores = []
         empty, full, any_foreground = [], [], False
-        for key, (pred, target, groups) in preds.items():
-            del key
+        for split in self.predict_split().values():
+            pred, target, groups = split.pred, split.target, split.patients
             per_patient = foreground_dice_per_group(pred, target, groups, self.meta.num_classes)
             scores.extend(per_patient.values())
             groups_arr = np.asarray(groups)
@@ -672,62 +559,16 @@ class Trainer:
         self.last_validation_degenerate = bool(empty) and ((all(empty) and any_foreground) or all(full))
         return float(np.mean(scores)) if scores else float("nan")
 
-    def predict_split(self, which: str = "val") -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
-        """Argmax predictions on the fold's validation (or training) slices.
-
-        Returns ``{modality or "all": (pred, target, patient ids)}``, slices in cache order.
-        """
+    def predict_split(self, which: str = "val") -> dict[str, SplitPrediction]:
+        """Argmax predictions on the fold's validation (or training) slices, per task group, with their records."""
         out = {}
-        if self.paired:
-            groups = {"all": self.val_idx if which == "val" else self.train_idx}
-        else:
-            groups = self.val_idx_by_mod if which == "val" else self.train_idx_by_mod
-        for k, (name, idx) in enumerate(groups.items()):
+        for group, idx in self.task.groups(which).items():
             if len(idx) == 0:
                 continue
-            images = self.cache.images[np.sort(idx)]
-            if self.paired:
-                images = images[:, self.channel_index]
-            probs = predict_probabilities(self.network, images, self.precision,
-                                          modality=None if self.paired else k)
-            target = np.asarray(self.cache.labels[np.sort(idx)])
-            patients = [self.cache.records[i]["patient_id"] for i in np.sort(idx)]
-            out[name] = (probs.argmax(1).astype(np.uint8), target, patients)
+            images, modality = self.task.inputs(group, idx)
+            probs = predict_probabilities(self.network, images, self.precision, modality=modality)
+            target = np.asarray(self.cache.labels[idx])
+            records = [self.cache.records[i] for i in idx]
+            out[group] = SplitPrediction(probs.argmax(1).astype(np.uint8), target, records, idx)
         self.network.train()
         return out
-
-    # ------------------------------------------------------------------ logging
-    def _progress_bar(self):
-        if not (self.cfg.progress and self.dist.is_main):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch,
-                    desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, dynamic_ncols=True)
-
-    def _tensorboard(self):
-        if not (self.cfg.tensorboard and self.dist.is_main):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _log(self, record: dict[str, float], writer) -> None:
-        if not self.dist.is_main:
-            return
-        if writer is not None:
-            for key, value in record.items():
-                if key not in {"epoch", "step"}:
-                    writer.add_scalar(key, value, record["epoch"])
-            writer.flush()
-        columns = ["epoch", "step", "train_loss", "aux_grad_ratio", "val_dice", "degenerate", "lr", "img_per_s",
-                   "time_s"]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for row in self.history:
-            w.writerow({c: row.get(c, "") for c in columns})
-        atomic_write_bytes(self.run_dir / "log.csv", buf.getvalue().encode())
-        from modalseg.evaluation.figures import plot_progress
-
-        plot_progress(self.history, self.run_dir / "progress.png")

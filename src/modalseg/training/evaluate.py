@@ -56,17 +56,16 @@ def evaluate_trainer(trainer: Trainer, checkpoint: str = "best.pt") -> dict[str,
     rows_patient: list[dict] = []
     rows_slice: list[dict] = []
     summary: list[dict] = []
-    for modality, (pred, target, _patients) in trainer.predict_split("val").items():
-        idx = np.sort(trainer.val_idx if trainer.paired else trainer.val_idx_by_mod[modality])
-        records = [trainer.cache.records[i] for i in idx]
-        per_patient, per_slice = evaluate_predictions(pred, target, records, class_names)
-        extra = {} if trainer.paired else {"modality": modality}
+    column = trainer.task.group_column  # unpaired tables say which modality a row is
+    for group, split in trainer.predict_split("val").items():
+        per_patient, per_slice = evaluate_predictions(split.pred, split.target, split.records, class_names)
+        extra = {column: group} if column else {}
         rows_patient += [m.as_dict(**extra) for m in per_patient]
         rows_slice += [m.as_dict(**extra) for m in per_slice]
         for row in aggregate(per_patient):
             summary.append({**extra, **{k: row[k] for k in ("class_name", "dice_mean", "hd_mean", "hd95_mean")}})
     run_dir = Path(trainer.run_dir)
-    cols = (["modality"] if not trainer.paired else []) + ["case_id", "class_name", "status", *METRIC_COLUMNS]
+    cols = ([column] if column else []) + ["case_id", "class_name", "status", *METRIC_COLUMNS]
     write_table(rows_patient, cols, run_dir / "validation.md", run_dir / "validation.csv",
                 title=f"Validation, fold {trainer.cfg.fold}: per patient (3D)")
     write_table(rows_slice, cols, run_dir / "validation_slices.md", run_dir / "validation_slices.csv",

@@ -1,4 +1,9 @@
-"""What one training step computes, for paired (paper 1) and unpaired (paper 2) learning.
+"""Paired (paper 1) and unpaired (paper 2) learning: every difference between them lives here.
+
+A :class:`Task` owns what differs: the recipe it resolves ``auto`` options with, which modalities the network
+sees, the loss module, how the fold's slices become batches (one batch of all channels, or one batch per
+modality), how the network is called per modality, and how validation slices are grouped. The trainer
+(training/engine.py) only asks the task; it has no ``paired`` branch.
 
 Each task wraps the segmentation network in a *loss module* whose ``forward`` takes the step's tensors and
 returns ``(loss, parts)``. The engine wraps that module (not the bare network) in DDP, so one forward and one
@@ -7,13 +12,20 @@ backward cover all modalities of an unpaired step, as DDP requires.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
+from modalseg.data.types import DatasetSpec
 from modalseg.errors import ConfigError
 from modalseg.losses.affinity import CSA_READINGS, affinity_loss, check_pairable, class_affinity, csa_loss
 from modalseg.losses.dice_ce import DiceCELoss
@@ -26,6 +38,11 @@ from modalseg.training.model_meta import (  # noqa: F401  (re-exported: the publ
     build_network,
     paired_channels,
 )
+from modalseg.training.precision import Precision
+
+if TYPE_CHECKING:
+    from modalseg.data.cache import SliceCache
+    from modalseg.training.config import TrainConfig
 
 
 class PairedLoss(nn.Module):
@@ -223,3 +240,284 @@ class UnpairedLoss(nn.Module):
             loss = loss + self.conv_l2 * 0.5 * l2
         parts["loss"] = float(loss.detach())
         return loss, parts
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class TrainBatch:
+    """One step's input: ``args`` for the loss module's ``forward`` and the number of images in it (this process)."""
+
+    args: tuple[Any, ...]
+    num_images: int
+
+
+@dataclass(frozen=True)
+class SplitPrediction:
+    """Argmax predictions of one validation group with the cache slices they belong to (same order)."""
+
+    pred: np.ndarray  # (N, H, W) uint8
+    target: np.ndarray  # (N, H, W)
+    records: list[dict[str, Any]]  # cache records of the N slices
+    indices: np.ndarray  # their (sorted) cache indices
+
+    @property
+    def patients(self) -> list[str]:
+        return [str(r["patient_id"]) for r in self.records]
+
+
+class Task:
+    """What a kind of learning decides; the trainer asks, never branches.
+
+    Life cycle (the trainer's order): :meth:`resolve` (``auto`` options), :meth:`model_modalities`,
+    :meth:`build_loss`, :meth:`plan` (the fold's slices, samplers, steps per epoch), :meth:`start` (after a
+    resume), then :meth:`batches` per epoch and :meth:`groups` / :meth:`inputs` for validation.
+    """
+
+    kind: ClassVar[str]
+    #: the column that tells validation groups apart in tables (None: one group, "all")
+    group_column: ClassVar[str | None] = None
+    #: optimisation recipe of the paper whose data this is (``None``/``auto`` options are filled from it)
+    recipe: ClassVar[dict[str, Any]]
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self.cache: SliceCache | None = None
+        self.steps_per_epoch = 0
+        self.modalities: list[str] = []
+
+    # ---------------------------------------------------------------- configuration
+    def resolve(self, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` with ``None``/``auto`` options filled (see :func:`modalseg.training.engine.resolve_recipe`)."""
+        recipe = self._recipe(cfg)
+        updates = {k: v for k, v in recipe.items() if getattr(cfg, k) in (None, "auto")}
+        preprocess = cfg.preprocess
+        if preprocess == "auto":
+            preprocess = updates["preprocess"] = self.default_preprocess()
+        if cfg.foreground_fraction is None:
+            updates["foreground_fraction"] = 1.0 / 3.0 if preprocess == "default" else 0.0
+        return dataclasses.replace(cfg, **updates)
+
+    def _recipe(self, cfg: TrainConfig) -> dict[str, Any]:
+        return dict(self.recipe)
+
+    def default_preprocess(self) -> str:
+        raise NotImplementedError
+
+    def describe_auto_model(self, cfg: TrainConfig) -> str:
+        """The one line ``model: auto`` prints before any cache is built."""
+        raise NotImplementedError
+
+    def model_modalities(self, cfg: TrainConfig) -> list[str]:
+        """The modalities the network sees, in its input order."""
+        raise NotImplementedError
+
+    def setting(self, cfg: TrainConfig) -> str | None:
+        """The paper-2 setting recorded in the model's meta (None for paired learning)."""
+        return None
+
+    def build_loss(self, network: nn.Module, cfg: TrainConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def strata(self, cache: SliceCache) -> dict[str, str] | None:
+        """Patient -> stratum for the CV split (None: unstratified)."""
+        return None
+
+    # ---------------------------------------------------------------- data
+    def plan(self, cache: SliceCache, train_cases: list[str], val_cases: list[str], cfg: TrainConfig,
+             rank: int, world_size: int) -> int:
+        """Index the fold's slices, build the sampler; returns the steps per epoch."""
+        raise NotImplementedError
+
+    def start(self, loss_module: nn.Module, cfg: TrainConfig, batch_in_epoch: int) -> None:
+        """Called once the run's position is known (fresh or resumed)."""
+
+    def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
+        """This process's batches of ``epoch`` from batch ``start`` on (a pure function of seed, epoch, rank)."""
+        raise NotImplementedError
+
+    def probe_example(self, batch_size: int) -> tuple[Any, ...]:
+        """A training batch (CPU tensors) for the precision probe."""
+        raise NotImplementedError
+
+    def groups(self, which: str = "val") -> dict[str, np.ndarray]:
+        """Validation grouping: ``{group: sorted cache indices}`` of the fold's ``val`` or ``train`` slices."""
+        raise NotImplementedError
+
+    def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """The network's input slices for ``indices`` of ``group`` and the ``modality`` argument to call it with."""
+        raise NotImplementedError
+
+    def _cache(self) -> SliceCache:
+        if self.cache is None:
+            raise RuntimeError("Task.plan() was not called")
+        return self.cache
+
+
+PAPER1_RECIPE = {"batch_size": 4, "amsgrad": True, "lr_step": 30, "lr_gamma": 0.5, "lr_step_unit": "epoch",
+                 "conv_l2": 0.0, "model": "master_assistant"}
+PAPER2_RECIPE = {"batch_size": 8, "amsgrad": False, "lr_step": 1000, "lr_gamma": 0.95, "lr_step_unit": "iteration",
+                 "conv_l2": 0.0, "model": "dilated_fcn"}
+
+
+class PairedTask(Task):
+    """Paper 1: every case has all channels; one batch (B, M, H, W) of the model's channels per step."""
+
+    kind = "paired"
+    recipe = PAPER1_RECIPE
+
+    def _recipe(self, cfg: TrainConfig) -> dict[str, Any]:
+        recipe = dict(self.recipe)
+        if len(cfg.modalities or self.spec.modalities) == 1:
+            recipe["model"] = "unet"
+        return recipe
+
+    def default_preprocess(self) -> str:
+        # Not paper 1's recipe (labelled slices only, per-slice max scaling, stretched to 256x256): it misleads
+        # on user data. The paper presets are chosen by name (experiment paper1, the paper configs).
+        return "default"
+
+    def describe_auto_model(self, cfg: TrainConfig) -> str:
+        mods = list(cfg.modalities or self.spec.modalities)
+        if cfg.model in SINGLE_MODALITY_MODELS:
+            return f"model auto: {cfg.model} (one channel: {mods[0]})"
+        rest = f", {', '.join(mods[1:])} assistant{'s' if len(mods) > 2 else ''}" if len(mods) > 1 else ""
+        return f"model auto: {cfg.model} ({len(mods)} channels: {mods[0]} master{rest})"
+
+    def model_modalities(self, cfg: TrainConfig) -> list[str]:
+        self.modalities = paired_channels(self.spec, cfg.model, cfg.modalities)
+        self.channel_index = [self.spec.modalities.index(m) for m in self.modalities]
+        return self.modalities
+
+    def build_loss(self, network: nn.Module, cfg: TrainConfig) -> nn.Module:
+        return PairedLoss(network, cfg.ce_weight)
+
+    def plan(self, cache: SliceCache, train_cases: list[str], val_cases: list[str], cfg: TrainConfig,
+             rank: int, world_size: int) -> int:
+        self.cache = cache
+        self.train_idx = cache.indices_for(case_ids=train_cases)
+        self.val_idx = cache.indices_for(case_ids=val_cases)
+        foreground = np.array([bool(cache.records[i].get("foreground")) for i in self.train_idx])
+        self.sampler = EpochBatchSampler(
+            self.train_idx, cfg.batch_size // world_size, shuffle=True, seed=cfg.seed, drop_last=True,
+            rank=rank, world_size=world_size, foreground=foreground,
+            foreground_fraction=cfg.foreground_fraction or 0.0,
+        )
+        self.steps_per_epoch = self.sampler.num_batches(0)
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"fold {cfg.fold} has {len(self.train_idx)} training slices, fewer than one batch")
+        return self.steps_per_epoch
+
+    def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
+        cache = self._cache()
+        for idx in self.sampler.batches(epoch, start_batch=start):
+            x, y = cache.get_batch(idx)
+            yield TrainBatch((precision.to_input(x[:, self.channel_index]), y.to(precision.device)), len(idx))
+
+    def probe_example(self, batch_size: int) -> tuple[Any, ...]:
+        cache = self._cache()
+        x, y = cache.get_batch(np.arange(min(len(cache), batch_size)))
+        return x[:, self.channel_index], y
+
+    def groups(self, which: str = "val") -> dict[str, np.ndarray]:
+        return {"all": np.sort(self.val_idx if which == "val" else self.train_idx)}
+
+    def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
+        return self._cache().images[indices][:, self.channel_index], None
+
+
+class UnpairedTask(Task):
+    """Paper 2: each modality has its own patients; one batch per modality per step, one shared network."""
+
+    kind = "unpaired"
+    group_column = "modality"
+    recipe = PAPER2_RECIPE
+
+    def _recipe(self, cfg: TrainConfig) -> dict[str, Any]:
+        recipe = dict(self.recipe)
+        if cfg.setting == "ummkd":
+            recipe["conv_l2"] = 1e-4  # UMMKD's L2 on conv kernels (facts file)
+        return recipe
+
+    def default_preprocess(self) -> str:
+        # the only unpaired recipe is paper 2's
+        return {"mscmrseg": "paper2_mscmrseg", "mmwhs": "paper2_mmwhs"}.get(self.spec.layout, "paper2_synth")
+
+    def describe_auto_model(self, cfg: TrainConfig) -> str:
+        mods = list(cfg.modalities or self.spec.modalities)
+        return f"model auto: {cfg.model} (unpaired data, setting {cfg.setting}, modalities {', '.join(mods)})"
+
+    def model_modalities(self, cfg: TrainConfig) -> list[str]:
+        modalities = list(cfg.modalities or self.spec.modalities)
+        unknown = [m for m in modalities if m not in self.spec.modalities]
+        if unknown:
+            raise ConfigError(f"modalities {unknown} not in the dataset's modalities {self.spec.modalities}")
+        self.modalities = modalities
+        return modalities
+
+    def setting(self, cfg: TrainConfig) -> str | None:
+        return cfg.setting
+
+    def build_loss(self, network: nn.Module, cfg: TrainConfig) -> nn.Module:
+        return UnpairedLoss(
+            network, cfg.setting, ce_weight=cfg.ce_weight, affinity_weight=cfg.affinity_weight,
+            kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature, conv_l2=float(cfg.conv_l2 or 0.0),
+            csa_reading=cfg.csa_reading, csa_region_norm=cfg.csa_region_norm, dice_form=cfg.dice_form,
+            kd_absent_classes=cfg.kd_absent_classes,
+        )
+
+    def strata(self, cache: SliceCache) -> dict[str, str] | None:
+        # each modality has its own patients: stratify so every fold validates on every modality
+        return {r["patient_id"]: r["modality"] for r in cache.records}
+
+    def plan(self, cache: SliceCache, train_cases: list[str], val_cases: list[str], cfg: TrainConfig,
+             rank: int, world_size: int) -> int:
+        self.cache = cache
+        self.train_idx_by_mod = {m: cache.indices_for(case_ids=train_cases, modality=m) for m in self.modalities}
+        self.val_idx_by_mod = {m: cache.indices_for(case_ids=val_cases, modality=m) for m in self.modalities}
+        for m, idx in self.train_idx_by_mod.items():
+            if len(idx) == 0:
+                raise ConfigError(f"no training slices of modality {m} in fold {cfg.fold}")
+        self.sampler = UnpairedBatchSampler(self.train_idx_by_mod, cfg.batch_size // world_size, seed=cfg.seed,
+                                            rank=rank, world_size=world_size)
+        largest = max(len(v) for v in self.train_idx_by_mod.values())
+        self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
+        return self.steps_per_epoch
+
+    def start(self, loss_module: nn.Module, cfg: TrainConfig, batch_in_epoch: int) -> None:
+        # Eq. 5 diagnostics: ||grad aux|| / ||grad seg|| once per epoch by default, at epoch starts after a
+        # resume too (set here, after the precision probe: its model copies never measure)
+        every = cfg.grad_ratio_every
+        loss_module.grad_ratio_every = self.steps_per_epoch if every is None else int(every)
+        loss_module.aux_forwards = batch_in_epoch
+
+    def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
+        cache = self._cache()
+        first = epoch * self.steps_per_epoch + start
+        for batch in self.sampler.steps(first, self.steps_per_epoch - start):
+            xs, ys = [], []
+            for m in self.modalities:
+                x, y = cache.get_batch(batch[m])
+                xs.append(precision.to_input(x))
+                ys.append(y.to(precision.device))
+            yield TrainBatch((xs, ys), sum(len(v) for v in batch.values()))
+
+    def probe_example(self, batch_size: int) -> tuple[Any, ...]:
+        cache = self._cache()
+        x, y = cache.get_batch(np.arange(min(len(cache), batch_size)))
+        return [x] * len(self.modalities), [y] * len(self.modalities)
+
+    def groups(self, which: str = "val") -> dict[str, np.ndarray]:
+        by_mod = self.val_idx_by_mod if which == "val" else self.train_idx_by_mod
+        return {m: np.sort(idx) for m, idx in by_mod.items()}
+
+    def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
+        return self._cache().images[indices], self.modalities.index(group)
+
+
+#: Kinds of learning by the dataset's kind (one-way: the trainer looks a task up, tasks know no trainer).
+TASKS: dict[str, type[Task]] = {"paired": PairedTask, "unpaired": UnpairedTask}
+
+
+def task_for(spec: DatasetSpec) -> Task:
+    """The task for a dataset: paired (all channels per case) or unpaired (one modality per case)."""
+    return TASKS["paired" if spec.paired else "unpaired"](spec)
