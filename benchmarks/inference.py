@@ -82,7 +82,7 @@ def run_inprocess(mode: str, inp: Path, ckpt: Path, out: Path, batch_size: int) 
     meta = models[0].meta
     cases = find_cases([inp], meta)
     (case, files), = cases.items()
-    labels, probs, ref = predict_case(models, files, precision, batch_size=batch_size)
+    labels, probs, ref = predict_case(models, files, batch_size=batch_size)
     t2 = time.perf_counter()
     write_prediction(out / mode, case, labels, None, ref, list(meta.labels))
     t3 = time.perf_counter()

@@ -223,11 +223,11 @@ def test_recalibrate_bn_uses_each_modality_training_slices_only():
     net = UnpairedSegmenter("dilated_fcn", ["A", "B"], "msbn", num_classes=3, width=2)
     rng = np.random.default_rng(0)
     images = rng.normal(size=(12, 1, 16, 16)).astype(np.float32)
-    trainer = SimpleNamespace(
-        network=net, meta=SimpleNamespace(modalities=["A", "B"]), cfg=SimpleNamespace(batch_size=4),
-        train_idx_by_mod={"A": np.arange(0, 6), "B": np.arange(6, 12)}, cache=SimpleNamespace(images=images),
-        precision=resolve_precision(torch.device("cpu"), "fp32"),
-    )
+    train = {"A": np.arange(0, 6), "B": np.arange(6, 12)}  # the task's training groups (cache indices)
+    task = SimpleNamespace(groups=lambda which: train if which == "train" else {},
+                           inputs=lambda group, idx: (images[idx], ["A", "B"].index(group)))
+    trainer = SimpleNamespace(network=net, cfg=SimpleNamespace(batch_size=4), task=task,
+                              precision=resolve_precision(torch.device("cpu"), "fp32"))
 
     def stats(index: int) -> list[torch.Tensor]:
         return [m.bns[index].running_var.clone() for m in msbn_modules(net)]

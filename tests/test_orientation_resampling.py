@@ -257,7 +257,7 @@ def test_t2w_on_a_finer_grid_with_another_field_of_view_is_resampled(ckpt, fp32,
     assert np.all(moved.array[outside] == other.array.min())
     models = load_models([ckpt], fp32)
     with pytest.raises(DataError) as info:
-        predict_case(models, [t1c, t2w], fp32, strict=True)
+        predict_case(models, [t1c, t2w], strict=True)
     assert str(info.value).startswith(f"{t2w}: T2W shape (20, 20, 8) differs from T1C")
 
 

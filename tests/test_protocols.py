@@ -67,7 +67,7 @@ def _blank_first_unet_slice(monkeypatch: pytest.MonkeyPatch) -> None:
     def predict_split(self, which="val"):  # noqa: ANN001
         out = real(self, which)
         if self.cfg.model == "unet":
-            out["all"][0][0] = 0
+            out["all"].pred[0] = 0
         return out
 
     monkeypatch.setattr(Trainer, "predict_split", predict_split)

@@ -632,7 +632,7 @@ def test_predict_resamples_other_grid_and_refuses_it_when_strict(fault, paired_c
     fp32 = resolve_precision(torch.device("cpu"), "fp32")
     models = load_models([paired_ckpt], fp32)
     with pytest.raises(DataError, match="differs") as info:
-        predict_case(models, [case_files[0], other], fp32, strict=True)
+        predict_case(models, [case_files[0], other], strict=True)
     assert str(other) in str(info.value) and fragment in str(info.value)
 
 

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     models = load_models([ma.run_dir], ma.precision)
     cases = find_cases(list(case_files.images), models[0].meta)
     for name, files in cases.items():
-        labels, _, ref = predict_case(models, files, ma.precision)
+        labels, _, ref = predict_case(models, files)
         written = write_prediction(pred_dir, name, labels, None, ref, list(models[0].meta.labels))
         print(f"[5/6] predicted {name} from its NIfTI files -> {written[0]}")
     label_dir = out / "predictions_reference"

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     for case, files in cases.items():
         t0 = time.perf_counter()
-        labels, probs, ref = predict_case(models, files, precision, modality=args.modality,
+        labels, probs, ref = predict_case(models, files, modality=args.modality,
                                           strict=args.strict_geometry, case=case,
                                           batch_size=args.batch_size)
         if dicom_seg:

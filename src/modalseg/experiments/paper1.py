@@ -461,10 +461,9 @@ def _train_and_record(plan: Plan, model: str, run: int, fold: int, label: str) -
         print(f"      no {ckpt.name} in {fold_dir} (no non-degenerate validation epoch): using latest.pt", flush=True)
         ckpt = fold_dir / "latest.pt"
     load_model_state(trainer.network, load_checkpoint(ckpt)["model_state"], ckpt)
-    pred, target, _patients = trainer.predict_split("val")["all"]
+    split = trainer.predict_split("val")["all"]
+    pred, target, recs, idx = split.pred, split.target, split.records, split.indices
     n_empty, n_reference = count_empty_slices(pred, target)
-    idx = np.sort(trainer.val_idx)
-    recs = [trainer.cache.records[i] for i in idx]
     class_names = list(trainer.meta.labels)
     _per_patient, per_slice = evaluate_predictions(pred, target, recs, class_names)
     slices = []

@@ -432,9 +432,8 @@ def _train_and_evaluate(
         if modality not in predictions:
             missing_modalities.append(modality)
             continue
-        pred, target, _patients = predictions[modality]
-        idx = np.sort(trainer.val_idx_by_mod[modality])
-        records = [trainer.cache.records[i] for i in idx]
+        split = predictions[modality]
+        pred, target, records, idx = split.pred, split.target, split.records, split.indices
         per_patient, _per_slice = evaluate_predictions(pred, target, records, class_names)
         voxels = voxel_distances(pred, target, records, class_names)
         rows += [
@@ -495,41 +494,11 @@ def voxel_distances(
 
 
 def recalibrate_bn(trainer) -> None:
-    """Re-estimate every BN layer's running mean/variance on the fold's training slices, dropout off.
+    """Re-estimate every BN layer's running statistics on the fold's training slices, dropout off
+    (:func:`modalseg.training.callbacks.recalibrate_batch_norm`). Off by default: paper 2 does not describe it."""
+    from modalseg.training.callbacks import recalibrate_batch_norm
 
-    Why: the dilated FCN applies dropout after every convolution and BN right after it, so during training
-    each BN's running variance is measured on dropout-perturbed activations; at inference dropout is off and
-    the activations have a smaller variance ("variance shift", Li et al., CVPR 2019). Over ~35 stacked layers
-    this can ruin eval-mode predictions while batch-statistics predictions are good. This pass (a cumulative
-    average over all training slices, per modality, so each MSBN set sees only its modality) uses training
-    data only. It is off by default because paper 2 does not describe it.
-    """
-    import torch
-    from torch import nn
-
-    net = trainer.network
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over all batches
-    net.train()
-    for m in net.modules():
-        if isinstance(m, nn.Dropout):
-            m.eval()
-    bs = trainer.cfg.batch_size
-    try:
-        with torch.no_grad():
-            for k, modality in enumerate(trainer.meta.modalities):
-                idx = np.sort(trainer.train_idx_by_mod[modality])
-                for start in range(0, len(idx), bs):
-                    x = torch.as_tensor(np.asarray(trainer.cache.images[idx[start:start + bs]]))
-                    with trainer.precision.autocast():
-                        net(trainer.precision.to_input(x), modality=k)
-    finally:
-        for m, momentum in zip(bns, momenta, strict=True):
-            m.momentum = momentum
-        net.eval()
+    recalibrate_batch_norm(trainer)
 
 
 def _json_default(value: Any) -> Any:

@@ -6,17 +6,19 @@ safe unpickler; a file carrying any other pickled object is refused, never execu
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from modalseg.errors import CheckpointError
+from modalseg.errors import CheckpointError, ConfigError
 from modalseg.utils.atomic import atomic_torch_save
 from modalseg.utils.names import check_names
 
@@ -177,3 +179,104 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         prefix = f"checkpoint {meta} does not match this model: " if meta else "checkpoint does not match this model: "
         raise CheckpointError(prefix + "; ".join(detail), source)
     model.load_state_dict(state_dict)
+
+
+@dataclass(frozen=True)
+class TrainedCheckpoint:
+    """A checkpoint read and checked once: its state, its model description and where it came from.
+
+    The one way every part of modalseg reads a trained model (predict, evaluation, resume, experiments):
+    ``read_checkpoint(path)`` then :meth:`build_network` (a fresh network with the weights) or
+    :meth:`load_weights` (into an existing one). Weights with NaN/inf are refused either way.
+    """
+
+    path: Path
+    state: dict[str, Any]
+    meta: ModelMeta
+
+    @property
+    def epoch(self) -> int | None:
+        """Epochs completed when the checkpoint was written (None if not recorded)."""
+        value = self.state.get("epoch")
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def best_score(self) -> float | None:
+        """The best validation score so far (None if not recorded or not finite)."""
+        value = self.state.get("best")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        return None
+
+    def load_weights(self, network: nn.Module) -> None:
+        """Load the weights into ``network`` (one line naming the first mismatch or non-finite tensor)."""
+        weights = self.state["model_state"]
+        non_finite = first_non_finite(weights)
+        if non_finite:
+            raise CheckpointError(f"refused: {non_finite[1]} non-finite (NaN/inf) value(s) in weight "
+                                  f"{non_finite[0]}", self.path)
+        load_model_state(network, weights, self.path)
+
+    def build_network(self) -> nn.Module:
+        """The network the description names, with these weights (train mode, fp32, on the CPU)."""
+        from modalseg.training.model_meta import build_network
+
+        try:
+            network = build_network(self.meta)
+        except (ConfigError, TypeError, ValueError) as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"cannot rebuild the model it describes ({detail})", self.path) from None
+        self.load_weights(network)
+        return network
+
+
+def read_checkpoint(path: str | Path) -> TrainedCheckpoint:
+    """Read a trained model's checkpoint safely (``weights_only``) and check its description and preprocessing."""
+    from modalseg.data.preprocess import PreprocessConfig
+
+    path = Path(path)
+    state = load_checkpoint(path)
+    if "meta" not in state or "model_state" not in state:
+        raise CheckpointError("checkpoint has no model description (meta)", path)
+    meta = read_model_meta(state, path)
+    try:
+        PreprocessConfig.from_dict(meta.preprocess)
+    except ConfigError as exc:
+        raise CheckpointError(f"invalid preprocessing in the model description ({exc})", path) from None
+    if not isinstance(state["model_state"], dict):
+        raise CheckpointError("checkpoint has no weights (model_state is not a mapping)", path)
+    return TrainedCheckpoint(path, state, meta)
+
+
+CHECKPOINT_CHOICES = ("best", "latest")
+
+
+def find_checkpoints(path: str | Path, which: str = "best") -> list[Path]:
+    """A checkpoint file, a fold folder or a run folder (its ``fold_<K>`` folders; ``fold_all`` when it has none).
+
+    ``which="best"`` takes ``best.pt`` and falls back to ``latest.pt`` where a fold has no best (its validation
+    never produced a usable score); ``which="latest"`` takes ``latest.pt`` (the final weights, nnU-Net's choice).
+    """
+    if which not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"--checkpoint must be best or latest, got {which!r}")
+    names = ("best.pt", "latest.pt") if which == "best" else ("latest.pt",)
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError("no such checkpoint or run folder", path)
+    for name in names:
+        if (path / name).is_file():
+            return [path / name]
+    folds = sorted((p for p in path.glob("fold_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    if not folds and (path / "fold_all").is_dir():
+        folds = [path / "fold_all"]
+    found = []
+    for fold in folds:
+        for name in names:
+            if (fold / name).is_file():
+                found.append(fold / name)
+                break
+    if not found:
+        raise CheckpointError(f"no checkpoint ({' / '.join(names)} in this folder or its fold_*/) found", path)
+    return found

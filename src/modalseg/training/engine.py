@@ -34,13 +34,7 @@ from modalseg.data.preprocess import PreprocessConfig
 from modalseg.data.types import DatasetSpec
 from modalseg.errors import CheckpointError, ConfigError, TrainingError
 from modalseg.training.callbacks import Callback, EpochEnd, default_callbacks
-from modalseg.training.checkpoint import (
-    first_non_finite,
-    load_checkpoint,
-    load_model_state,
-    read_model_meta,
-    save_checkpoint,
-)
+from modalseg.training.checkpoint import first_non_finite, read_checkpoint, save_checkpoint
 from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
 from modalseg.training.inference import foreground_dice_per_group, input_size_rule, predict_probabilities
@@ -342,9 +336,10 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.run_dir / "latest.pt"
-        state = load_checkpoint(path)
+        checkpoint = read_checkpoint(path)
+        state = checkpoint.state
         if state.get("meta") != self.meta.to_dict():
-            theirs = read_model_meta(state, path).describe()
+            theirs = checkpoint.meta.describe()
             raise CheckpointError(
                 f"was written for a different model {theirs}; this run is {self.meta.describe()}", path
             )
@@ -360,7 +355,7 @@ class Trainer:
             raise ConfigError(
                 f"--resume with changed option(s) that alter the run ({shown}); resume with the original options "
                 "or start a new run (--overwrite or another --output)", path)
-        load_model_state(self.network, state["model_state"], path)
+        checkpoint.load_weights(self.network)
         try:
             self.optimizer.load_state_dict(state["optimizer_state"])
             self.scheduler.load_state_dict(state["scheduler_state"])

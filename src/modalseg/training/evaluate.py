@@ -9,7 +9,7 @@ import numpy as np
 
 from modalseg.evaluation.metrics import CaseMetrics, aggregate, evaluate_case, evaluate_slices
 from modalseg.evaluation.tables import write_table
-from modalseg.training.checkpoint import load_checkpoint, load_model_state
+from modalseg.training.checkpoint import read_checkpoint
 
 if TYPE_CHECKING:
     from modalseg.training.engine import Trainer
@@ -51,7 +51,7 @@ def evaluate_trainer(trainer: Trainer, checkpoint: str = "best.pt") -> dict[str,
     """Load the fold's best weights, predict its validation slices and write ``validation*.csv/md``."""
     path = trainer.run_dir / checkpoint
     if path.exists():
-        load_model_state(trainer.network, load_checkpoint(path)["model_state"], path)
+        read_checkpoint(path).load_weights(trainer.network)
     class_names = list(trainer.meta.labels)
     rows_patient: list[dict] = []
     rows_slice: list[dict] = []

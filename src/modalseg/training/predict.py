@@ -1,5 +1,6 @@
-"""Apply trained models to volumes on disk: one file per modality in, a label volume with the input's exact
-geometry out (optionally per-class probabilities); several models (folds) are ensembled by averaging
+"""``modalseg predict``'s file layer: which files form a case (and in which modality order), what the outputs
+are named and that none replaces an input, and writing them. Applying the models is
+:class:`modalseg.inference.Predictor`'s (in-memory) job; several models (folds) are ensembled by averaging
 their softmax probabilities.
 """
 
@@ -7,14 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from modalseg.data.geometry import geometry_problems, onto_grid, to_canonical
 from modalseg.data.io import (
     ImageRef,
     dicom_series,
@@ -22,145 +19,18 @@ from modalseg.data.io import (
     is_dicom_series,
     is_supported,
     output_ending_for,
-    read_volume,
     strip_extension,
     write_volume,
 )
-from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restore_volume
 from modalseg.data.types import Volume
-from modalseg.data.verify import intensity_problems
-from modalseg.errors import CheckpointError, ConfigError, DataError, OutputError
-from modalseg.models.fold import fold_batch_norm
-from modalseg.training.checkpoint import first_non_finite, load_checkpoint, load_model_state, read_model_meta
-from modalseg.training.inference import ensemble_probabilities, predict_probabilities
-from modalseg.training.model_meta import ModelMeta, build_network
-from modalseg.training.precision import Precision
+from modalseg.errors import DataError, OutputError
+from modalseg.inference.inferers import SliceInferer
+from modalseg.inference.predictor import LoadedModel, Predictor, load_models  # noqa: F401  (re-exported)
+from modalseg.training.checkpoint import CHECKPOINT_CHOICES, find_checkpoints  # noqa: F401  (re-exported)
+from modalseg.training.model_meta import ModelMeta
 from modalseg.utils.names import check_name, child_path
 
 _CHANNEL_RE = re.compile(r"^(.*)_(\d{4})$")
-
-
-@dataclass
-class LoadedModel:
-    network: nn.Module
-    meta: ModelMeta
-    path: Path
-    precision: Precision | None = None
-    #: epochs completed when the checkpoint was written, and the best validation score so far (if recorded)
-    epoch: int | None = None
-    best_score: float | None = None
-
-    def describe(self) -> str:
-        """``runs/x/fold_0/best.pt (epoch 12, best validation Dice 0.8123)``: what predict says it loads."""
-        facts = [f"epoch {self.epoch}" if self.epoch is not None else "epoch unknown"]
-        if self.best_score is not None and np.isfinite(self.best_score):
-            facts.append(f"best validation Dice {self.best_score:.4f}")
-        return f"{self.path} ({', '.join(facts)})"
-
-
-def _int_or_none(value: object) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _float_or_none(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _choose_inference_precision(
-    network: nn.Module, meta: ModelMeta, device: str | torch.device, batch_size: int
-) -> Precision:
-    """``--precision auto``: the fastest measured mode for this network at its input size (one printed line)."""
-    from modalseg.training.precision_probe import choose_precision
-
-    pp = meta.preprocess
-    size = pp.get("target_size") or pp.get("crop_size") or [256, 256]
-    channels = meta.in_channels * (len(meta.modalities) if meta.kind == "paired" else 1)
-    kwargs = None if meta.kind == "paired" else {"modality": 0}
-    chosen, line = choose_precision(network, (batch_size, channels, int(size[0]), int(size[1])),
-                                    torch.device(device),
-                                    "infer", model_name=meta.model, forward_kwargs=kwargs)
-    print(line, flush=True)
-    return chosen
-
-
-CHECKPOINT_CHOICES = ("best", "latest")
-
-
-def find_checkpoints(path: str | Path, which: str = "best") -> list[Path]:
-    """A checkpoint file, a fold folder or a run folder (its ``fold_<K>`` folders; ``fold_all`` when it has none).
-
-    ``which="best"`` takes ``best.pt`` and falls back to ``latest.pt`` where a fold has no best (its validation
-    never produced a usable score); ``which="latest"`` takes ``latest.pt`` (the final weights, nnU-Net's choice).
-    """
-    if which not in CHECKPOINT_CHOICES:
-        raise ConfigError(f"--checkpoint must be best or latest, got {which!r}")
-    names = ("best.pt", "latest.pt") if which == "best" else ("latest.pt",)
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise CheckpointError("no such checkpoint or run folder", path)
-    for name in names:
-        if (path / name).is_file():
-            return [path / name]
-    folds = sorted((p for p in path.glob("fold_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-    if not folds and (path / "fold_all").is_dir():
-        folds = [path / "fold_all"]
-    found = []
-    for fold in folds:
-        for name in names:
-            if (fold / name).is_file():
-                found.append(fold / name)
-                break
-    if not found:
-        raise CheckpointError(f"no checkpoint ({' / '.join(names)} in this folder or its fold_*/) found", path)
-    return found
-
-
-def load_models(
-    paths: Sequence[str | Path], precision: Precision | None, *, device: str | torch.device = "cpu",
-    batch_size: int = 8, which: str = "best",
-) -> list[LoadedModel]:
-    """Load every checkpoint found under ``paths``; all must describe the same kind of model.
-
-    ``precision=None`` means ``auto``: the modes are timed on the first network as it will run (weights
-    loaded, BN folded) on a batch of ``batch_size`` slices of its input size (training/precision_probe.py), the
-    choice is printed in one line and used for every model (``models[0].precision``).
-    """
-    models: list[LoadedModel] = []
-    for p in paths:
-        for ckpt in find_checkpoints(p, which):
-            state = load_checkpoint(ckpt)
-            if "meta" not in state or "model_state" not in state:
-                raise CheckpointError("checkpoint has no model description (meta)", ckpt)
-            meta = read_model_meta(state, ckpt)
-            try:
-                PreprocessConfig.from_dict(meta.preprocess)
-            except ConfigError as exc:
-                raise CheckpointError(f"invalid preprocessing in the model description ({exc})", ckpt) from None
-            try:
-                network = build_network(meta)
-            except (ConfigError, TypeError, ValueError) as exc:
-                detail = " ".join(str(exc).split())[:200]
-                raise CheckpointError(f"cannot rebuild the model it describes ({detail})", ckpt) from None
-            if not isinstance(state["model_state"], dict):
-                raise CheckpointError("checkpoint has no weights (model_state is not a mapping)", ckpt)
-            non_finite = first_non_finite(state["model_state"])
-            if non_finite:
-                raise CheckpointError(f"refused: {non_finite[1]} non-finite (NaN/inf) value(s) in weight "
-                                      f"{non_finite[0]}", ckpt)
-            load_model_state(network, state["model_state"], ckpt)
-            fold_batch_norm(network)  # inference only: conv + eval-mode BN = one conv (models/fold.py)
-            if precision is None:
-                precision = _choose_inference_precision(network, meta, device, batch_size)
-            network = precision.prepare_model(network).eval()
-            models.append(LoadedModel(network, meta, ckpt, precision, _int_or_none(state.get("epoch")),
-                                      _float_or_none(state.get("best"))))
-    first = models[0].meta
-    for m in models[1:]:
-        if (m.meta.labels, m.meta.modalities, m.meta.preprocess) != (first.labels, first.modalities, first.preprocess):
-            raise CheckpointError(f"cannot ensemble: model {m.meta.describe()} differs from {first.describe()}", m.path)
-    return models
 
 
 def _one_file_per_case(files: Sequence[Path], key) -> dict[str, Path]:
@@ -440,83 +310,26 @@ def explicit_case_name(paths: Sequence[Path], needed: Sequence[int], modalities:
     return stems[0]
 
 
-def _check_inputs(volumes: Sequence[Volume], names: Sequence[str], tol: float = 1e-3, *, strict: bool = False) -> None:
-    """Refuse what ``modalseg verify`` refuses: NaN/inf or constant images and, with ``strict``, modalities whose
-    shape, spacing (relative ``tol``) or orientation (direction cosines, absolute ``tol``) differ from the first
-    (without ``strict`` :func:`predict_case` puts them on the first one's grid instead)."""
-    ref = volumes[0]
-    for i, v in enumerate(volumes):
-        problems = intensity_problems(v)
-        if i and strict:
-            name = names[i] if i < len(names) else f"modality {i}"
-            problems = geometry_problems(v, ref, name, names[0], spacing_tol=tol, direction_tol=tol) + problems
-        if problems:
-            raise DataError(problems[0])
-
-
 def predict_case(
     models: Sequence[LoadedModel],
     files: Sequence[Path],
-    precision: Precision,
     *,
     modality: str | None = None,
     batch_size: int = 8,
     strict: bool = False,
     case: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Volume]:
-    """Return (label volume in file label values, probabilities (C, X, Y, Z), reference volume).
-
-    Assistant modalities are put on the first file's grid (one printed line each, naming ``case``; ``strict``
-    refuses instead), the volumes are sliced in the canonical (closest to RAS) voxel order as in training, and the
-    outputs are mapped back to the first file's own voxel order, so they fit its geometry exactly.
-    """
-    meta = models[0].meta
-    volumes = [read_volume(f) for f in files]
-    names = list(meta.modalities) if meta.kind == "paired" else [modality or "image"]
-    _check_inputs(volumes, names, strict=strict)
-    if case is None:  # as find_cases names explicitly given files
-        needed = [(meta.channel_names or meta.modalities).index(m) for m in meta.modalities] if meta.kind == "paired" \
-            else [0]
-        case = explicit_case_name([Path(f) for f in files], needed)
-    aligned = [volumes[0]]
-    for i, vol in enumerate(volumes[1:], start=1):
-        name = names[i] if i < len(names) else f"modality {i}"
-        vol, note = onto_grid(vol, volumes[0], name=name, ref_name=names[0], strict=strict, case=case)
-        if note:
-            print(note, flush=True)
-        aligned.append(vol)
-    canonical, reo = to_canonical(volumes[0])
-    pp = PreprocessConfig.from_dict(meta.preprocess)
-    images = reo.apply(np.stack([v.array for v in aligned], axis=0))
-    if meta.kind == "paired":
-        names = meta.channel_names or meta.modalities
-        channels = [names.index(m) for m in meta.modalities]
-        mod_index = None
-    else:
-        if modality is None:
-            if len(meta.modalities) > 1:
-                raise DataError(f"this unpaired model has modalities {meta.modalities}: choose one with --modality",
-                                files[0])
-            modality = meta.modalities[0]
-        if modality not in meta.modalities:
-            raise DataError(f"modality {modality!r} is not one of the model's {meta.modalities}", files[0])
-        channels = None
-        mod_index = meta.modalities.index(modality)
-    slices = preprocess_volume(images, None, pp, spacing=canonical.spacing, channels=channels, all_slices=True)
-    batch = np.stack([s.image for s in slices], axis=0)
-    probs = ensemble_probabilities(
-        [predict_probabilities(m.network, batch, precision, batch_size=batch_size, modality=mod_index) for m in models]
-    )
-    if not np.isfinite(probs).all():
-        raise DataError(
-            f"the model produced {int((~np.isfinite(probs)).sum())} non-finite (NaN/inf) probabilities for this "
-            "case; nothing was written", files[0])
-    restored = restore_volume(list(probs), [s.geometry for s in slices], pp.slice_axis, is_label=False)
-    restored = reo.invert(restored)  # back to the input file's voxel order: written with volumes[0]'s geometry
-    class_index = restored.argmax(axis=0)
-    values = np.asarray(list(meta.labels.values()))
-    labels = values[class_index]
-    return labels, restored.astype(np.float32), volumes[0]
+    """(label volume in file label values, probabilities (C, X, Y, Z), reference volume) of one case's files:
+    :meth:`modalseg.inference.Predictor.predict_files` with the case named as ``find_cases`` names explicitly
+    given files (the name appears in the lines that say an assistant was resampled)."""
+    predictor = Predictor(models, inferer=SliceInferer(batch_size))
+    if case is None:
+        meta = predictor.meta
+        needed = [(meta.channel_names or meta.modalities).index(m) for m in meta.modalities] \
+            if meta.kind == "paired" else [0]
+        case = explicit_case_name([f if isinstance(f, Path) else Path(f) for f in files], needed)
+    result = predictor.predict_files(files, modality=modality, strict=strict, case=case)
+    return result.labels, result.probabilities, result.reference
 
 
 def output_ending(files: Sequence[Path], file_ending: str | None = None) -> str:

@@ -66,17 +66,22 @@ class TrainStep:
         self.scheduler = scheduler
         self.per_iteration = per_iteration
         self.scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.dtype is torch.float16)
+        #: BN running statistics and counters (every buffer): copied before each forward, restored if the step fails
+        self._buffers = list(module.buffers())
 
     def __call__(self, *args: Any) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
+        saved = [b.clone() for b in self._buffers]
         with self.precision.autocast():
             loss, parts = self.forward_module(*args)
         if not torch.isfinite(loss):
-            raise NonFiniteStep("loss", float(loss), parts)
+            self._restore(saved)
+            raise NonFiniteStep("loss", float(loss.detach()), parts)
         self.scaler.scale(loss).backward()
         if not self.scaler.is_enabled():  # fp16's scaler skips non-finite steps by design
             norm = self.gradient_norm()
             if not math.isfinite(norm):
+                self._restore(saved)
                 raise NonFiniteStep("gradient norm", norm, parts)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
@@ -85,6 +90,12 @@ class TrainStep:
         if self.per_iteration and self.scheduler is not None:
             self.scheduler.step()
         return StepResult(parts, skipped)
+
+    def _restore(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for buffer, value in zip(self._buffers, saved, strict=True):
+                buffer.copy_(value)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def gradient_norm(self) -> float:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]

@@ -1,0 +1,249 @@
+"""The in-memory prediction API: trained model(s) + their preprocessing, applied to volumes.
+
+``Predictor.from_checkpoints(paths)`` reads checkpoints (the one reader, training/checkpoint.py), rebuilds the
+networks, folds BN for inference and wraps each in a backend; ``predict(volumes)`` returns the label volume
+and the class probabilities on the first volume's grid and voxel order, whatever the inputs' orientation.
+The steps are the checkpoint's deterministic transforms, each inverted on the way back:
+
+1. assistant modalities onto the first volume's grid (data/geometry.py ``onto_grid``; refused if ``strict``);
+2. canonical (closest to RAS) voxel order, as in training (``to_canonical``);
+3. the preprocessing preset (normalise, crop box, resize: data/preprocess.py ``preprocess_volume``);
+4. the inferer over every backend (slices, batched), probabilities averaged over models (fold ensembling);
+5. back: ``restore_volume`` (un-resize, un-crop), the inverse reorientation, argmax to the file's label values.
+
+The ``modalseg predict`` command is a thin layer over this (file discovery, output naming, writing); 3D Slicer
+or MONAI Deploy integrations call :meth:`Predictor.predict` or :meth:`Predictor.predict_arrays` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modalseg.data.geometry import geometry_problems, onto_grid, to_canonical
+from modalseg.data.io import read_volume, strip_extension
+from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restore_volume
+from modalseg.data.types import Volume
+from modalseg.data.verify import intensity_problems
+from modalseg.errors import CheckpointError, DataError
+from modalseg.inference.backends import Backend, TorchBackend
+from modalseg.inference.inferers import SliceInferer, ensemble_probabilities
+from modalseg.training.checkpoint import TrainedCheckpoint, find_checkpoints, read_checkpoint
+from modalseg.training.model_meta import ModelMeta
+from modalseg.training.precision import Precision
+
+__all__ = ["LoadedModel", "Prediction", "Predictor", "load_models"]
+
+
+@dataclass
+class LoadedModel:
+    """One trained network ready for inference: its backend, description and where it came from."""
+
+    backend: Backend
+    meta: ModelMeta
+    path: Path
+    precision: Precision | None = None
+    #: epochs completed when the checkpoint was written, and the best validation score so far (if recorded)
+    epoch: int | None = None
+    best_score: float | None = None
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The torch module behind a :class:`TorchBackend` (other backends have none)."""
+        network = getattr(self.backend, "network", None)
+        if network is None:
+            raise AttributeError(f"the {type(self.backend).__name__} of {self.path} has no torch network")
+        return network
+
+    def describe(self) -> str:
+        """``runs/x/fold_0/best.pt (epoch 12, best validation Dice 0.8123)``: what predict says it loads."""
+        facts = [f"epoch {self.epoch}" if self.epoch is not None else "epoch unknown"]
+        if self.best_score is not None and np.isfinite(self.best_score):
+            facts.append(f"best validation Dice {self.best_score:.4f}")
+        return f"{self.path} ({', '.join(facts)})"
+
+
+def _choose_inference_precision(
+    network: torch.nn.Module, meta: ModelMeta, device: str | torch.device, batch_size: int
+) -> Precision:
+    """``--precision auto``: the fastest measured mode for this network at its input size (one printed line)."""
+    from modalseg.training.precision_probe import choose_precision
+
+    pp = meta.preprocess
+    size = pp.get("target_size") or pp.get("crop_size") or [256, 256]
+    channels = meta.in_channels * (len(meta.modalities) if meta.kind == "paired" else 1)
+    kwargs = None if meta.kind == "paired" else {"modality": 0}
+    chosen, line = choose_precision(network, (batch_size, channels, int(size[0]), int(size[1])),
+                                    torch.device(device),
+                                    "infer", model_name=meta.model, forward_kwargs=kwargs)
+    print(line, flush=True)
+    return chosen
+
+
+def load_torch_model(
+    checkpoint: TrainedCheckpoint, precision: Precision | None, *, device: str | torch.device = "cpu",
+    batch_size: int = 8,
+) -> LoadedModel:
+    """The checkpoint's network with BN folded into its convolutions, prepared for ``precision`` (``None``:
+    measured now, see :func:`load_models`), in a :class:`TorchBackend`."""
+    from modalseg.models.fold import fold_batch_norm
+
+    network = checkpoint.build_network()
+    fold_batch_norm(network)  # inference only: conv + eval-mode BN = one conv (models/fold.py)
+    if precision is None:
+        precision = _choose_inference_precision(network, checkpoint.meta, device, batch_size)
+    network = precision.prepare_model(network).eval()
+    return LoadedModel(TorchBackend(network, precision), checkpoint.meta, checkpoint.path, precision,
+                       checkpoint.epoch, checkpoint.best_score)
+
+
+def load_models(
+    paths: Sequence[str | Path], precision: Precision | None, *, device: str | torch.device = "cpu",
+    batch_size: int = 8, which: str = "best",
+) -> list[LoadedModel]:
+    """Load every checkpoint found under ``paths`` (files, fold or run folders); all must describe the same
+    kind of model.
+
+    ``precision=None`` means ``auto``: the modes are timed on the first network as it will run (weights
+    loaded, BN folded) on a batch of ``batch_size`` slices of its input size (training/precision_probe.py), the
+    choice is printed in one line and used for every model (``models[0].precision``).
+    """
+    models: list[LoadedModel] = []
+    for p in paths:
+        for ckpt in find_checkpoints(p, which):
+            model = load_torch_model(read_checkpoint(ckpt), precision, device=device, batch_size=batch_size)
+            precision = model.precision
+            models.append(model)
+    first = models[0].meta
+    for m in models[1:]:
+        if (m.meta.labels, m.meta.modalities, m.meta.preprocess) != (first.labels, first.modalities, first.preprocess):
+            raise CheckpointError(f"cannot ensemble: model {m.meta.describe()} differs from {first.describe()}", m.path)
+    return models
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A case's result on the reference (first) volume's grid and voxel order."""
+
+    labels: np.ndarray  # label values of the training data (not class indices)
+    probabilities: np.ndarray  # (C, X, Y, Z) float32, classes in ``meta.labels`` order
+    reference: Volume
+
+
+def _check_inputs(volumes: Sequence[Volume], names: Sequence[str], tol: float = 1e-3, *, strict: bool = False) -> None:
+    """Refuse what ``modalseg verify`` refuses: NaN/inf or constant images and, with ``strict``, modalities whose
+    shape, spacing (relative ``tol``) or orientation (direction cosines, absolute ``tol``) differ from the first
+    (without ``strict`` the predictor puts them on the first one's grid instead)."""
+    ref = volumes[0]
+    for i, v in enumerate(volumes):
+        problems = intensity_problems(v)
+        if i and strict:
+            name = names[i] if i < len(names) else f"modality {i}"
+            problems = geometry_problems(v, ref, name, names[0], spacing_tol=tol, direction_tol=tol) + problems
+        if problems:
+            raise DataError(problems[0])
+
+
+class Predictor:
+    """Model(s) of one kind + their preprocessing -> labels and probabilities for a case's volumes."""
+
+    def __init__(self, models: Sequence[LoadedModel], *, inferer: SliceInferer | None = None) -> None:
+        if not models:
+            raise CheckpointError("no model to predict with")
+        self.models = list(models)
+        self.meta = self.models[0].meta
+        self.inferer = inferer or SliceInferer()
+
+    @classmethod
+    def from_checkpoints(
+        cls, paths: Sequence[str | Path], *, precision: Precision | None = None, device: str | torch.device = "cpu",
+        batch_size: int = 8, which: str = "best",
+    ) -> Predictor:
+        """Checkpoint files, fold folders or run folders (every fold: an ensemble). ``precision=None``: measured."""
+        models = load_models(paths, precision, device=device, batch_size=batch_size, which=which)
+        return cls(models, inferer=SliceInferer(batch_size))
+
+    @property
+    def precision(self) -> Precision | None:
+        return self.models[0].precision
+
+    def input_names(self, modality: str | None = None) -> list[str]:
+        """The modalities :meth:`predict` expects, in order (paired: the model's channels; unpaired: one)."""
+        if self.meta.kind == "paired":
+            return list(self.meta.modalities)
+        return [self.choose_modality(modality)]
+
+    def choose_modality(self, modality: str | None, path: Path | None = None) -> str:
+        """The unpaired model's branch for ``modality`` (required when the model has several)."""
+        meta = self.meta
+        if modality is None:
+            if len(meta.modalities) > 1:
+                raise DataError(f"this unpaired model has modalities {meta.modalities}: choose one with --modality",
+                                path)
+            return meta.modalities[0]
+        if modality not in meta.modalities:
+            raise DataError(f"modality {modality!r} is not one of the model's {meta.modalities}", path)
+        return modality
+
+    def predict_files(
+        self, files: Sequence[str | Path], *, modality: str | None = None, strict: bool = False,
+        case: str | None = None,
+    ) -> Prediction:
+        """Read one file (or DICOM series folder) per modality, in the model's order, and :meth:`predict`."""
+        paths = [f if isinstance(f, Path) else Path(f) for f in files]  # an ImageRef keeps its series/channel
+        if case is None:
+            case = strip_extension(paths[0].name)
+        return self.predict([read_volume(f) for f in paths], modality=modality, strict=strict, case=case)
+
+    def predict_arrays(
+        self, arrays: Sequence[np.ndarray], *, affine: np.ndarray | None = None, modality: str | None = None,
+    ) -> Prediction:
+        """In-memory volumes (X, Y, Z) on one grid ``affine`` (voxel -> RAS mm; identity = 1 mm voxels)."""
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+        return self.predict([Volume(np.asarray(a), affine) for a in arrays], modality=modality)
+
+    def predict(
+        self, volumes: Sequence[Volume], *, modality: str | None = None, strict: bool = False,
+        case: str | None = None,
+    ) -> Prediction:
+        """Labels and probabilities for one case: ``volumes`` in the order of :meth:`input_names`.
+
+        Assistant modalities are put on the first volume's grid (one printed line each, naming ``case``;
+        ``strict`` refuses instead); NaN/inf or constant images and non-finite probabilities are refused.
+        """
+        meta = self.meta
+        first_path = volumes[0].path if volumes and volumes[0].path is not None else None
+        names = list(meta.modalities) if meta.kind == "paired" else [modality or "image"]
+        _check_inputs(volumes, names, strict=strict)
+        aligned = [volumes[0]]
+        for i, vol in enumerate(volumes[1:], start=1):
+            name = names[i] if i < len(names) else f"modality {i}"
+            vol, note = onto_grid(vol, volumes[0], name=name, ref_name=names[0], strict=strict, case=case)
+            if note:
+                print(note, flush=True)
+            aligned.append(vol)
+        canonical, reo = to_canonical(volumes[0])
+        pp = PreprocessConfig.from_dict(meta.preprocess)
+        images = reo.apply(np.stack([v.array for v in aligned], axis=0))
+        if meta.kind == "paired":
+            channel_names = meta.channel_names or meta.modalities
+            channels: list[int] | None = [channel_names.index(m) for m in meta.modalities]
+            branch = None
+        else:
+            channels = None
+            branch = meta.modalities.index(self.choose_modality(modality, first_path))
+        slices = preprocess_volume(images, None, pp, spacing=canonical.spacing, channels=channels, all_slices=True)
+        batch = np.stack([s.image for s in slices], axis=0)
+        probs = ensemble_probabilities([self.inferer(m.backend, batch, branch) for m in self.models])
+        if not np.isfinite(probs).all():
+            raise DataError(
+                f"the model produced {int((~np.isfinite(probs)).sum())} non-finite (NaN/inf) probabilities for this "
+                "case; nothing was written", first_path)
+        restored = restore_volume(list(probs), [s.geometry for s in slices], pp.slice_axis, is_label=False)
+        restored = reo.invert(restored)  # back to the input's voxel order: written with volumes[0]'s geometry
+        values = np.asarray(list(meta.labels.values()))
+        return Prediction(values[restored.argmax(axis=0)], restored.astype(np.float32), volumes[0])
