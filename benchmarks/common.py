@@ -44,7 +44,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-from modalseg.models import create_model  # noqa: E402
+from modalseg.models import create_model, list_models  # noqa: E402
 from modalseg.models.paper1 import PAPER1_MODELS  # noqa: E402
 from modalseg.training.precision import Precision, resolve_precision  # noqa: E402
 from modalseg.training.step import TrainStep  # noqa: E402
@@ -56,7 +56,7 @@ from modalseg.utils.host_memory import keep_freed_memory  # noqa: E402
 MALLOC_KEPT = keep_freed_memory()
 
 MONAI_MODELS: tuple[str, ...] = ("monai_basicunet", "monai_unet")
-PAPER2_MODELS: tuple[str, ...] = ("dilated_fcn",)
+PAPER2_MODELS: tuple[str, ...] = tuple(list_models(paper="paper2"))
 ALL_MODELS: tuple[str, ...] = (*PAPER1_MODELS, *PAPER2_MODELS, *MONAI_MODELS)
 MODES: tuple[str, ...] = ("fp32", "bf16", "auto")
 #: The reference of every ratio in train_throughput / flops.

@@ -92,6 +92,21 @@ def test_attention_maps_five_blocks_two_streams(tmp_path):
         plot_attention_maps({"T1C": [np.zeros((2, 4, 4))]}, tmp_path / "bad.png", dpi=DPI)
 
 
+def test_attention_maps_straight_from_forward_features(tmp_path):
+    """Fig. 5 from a model: forward_features' SA maps, grouped per stream, drawn without conversion."""
+    from modalseg.models import attention_maps, create_model
+
+    torch.manual_seed(0)
+    net = create_model("fuse_unet_sa", num_modalities=2, in_channels=1, num_classes=2, base_width=4, sa_reduction=4)
+    with torch.no_grad():
+        _, feats = net.eval().forward_features(torch.randn(1, 2, 32, 32))
+    maps = attention_maps(feats)
+    named = dict(zip(["T1C", "T2W"], maps.values(), strict=True))
+    out = plot_attention_maps(named, tmp_path / "f5_model.png", "SA maps", dpi=DPI)
+    img = _check_png(out, PANEL_INCHES * 5 + 0.9, PANEL_INCHES * 2 + 0.45)
+    assert img[..., :3].std() > 0.05  # the maps were drawn (a blank figure would be near uniform)
+
+
 def test_mask_grid_paper2_layout(tmp_path):
     gt = _disc(16, 16, 10) + _disc(16, 16, 5)  # classes 0, 1, 2
     gt[_disc(26, 26, 4) > 0] = 3

@@ -113,6 +113,7 @@ def _figures(trainers, out: Path, plot_overlays, plot_attention_maps) -> list[Pa
     import numpy as np
     import torch
 
+    from modalseg.models import attention_maps
     from modalseg.training.inference import predict_probabilities
 
     ma = trainers["master_assistant"]
@@ -134,8 +135,8 @@ def _figures(trainers, out: Path, plot_overlays, plot_attention_maps) -> list[Pa
     net.eval()
     with torch.no_grad():
         images, _ = ma.task.inputs("all", np.array([chosen[0]]))
-        net(ma.precision.to_input(torch.as_tensor(np.asarray(images))))
-    maps = {k: [m[0, 0].float().cpu().numpy() for m in v] for k, v in net.attention_maps.items()}
+        _, features = net.forward_features(ma.precision.to_input(torch.as_tensor(np.asarray(images))))
+    maps = {k: [m[0, 0].float().cpu().numpy() for m in v] for k, v in attention_maps(features).items()}
     names = dict(zip(["master", "assistant1"], ma.meta.modalities, strict=False))
     maps = {names.get(k, k): v for k, v in maps.items()}
     paths.append(plot_attention_maps(maps, out / "figures" / "attention_maps.png", title="master_assistant SA maps"))

@@ -34,6 +34,13 @@ affinity features from "intermediate" layers "relatively close to each other", h
 
 Dropout: the paper's text says "drop rate of 0.75", but the UMMKD code passes 0.75 as the *keep* probability
 (TensorFlow 1 ``keep_prob``), i.e. p = 0.25, which is the default here.
+
+``forward_features(x, modality, layers=...)`` returns the logits and the outputs of the named groups (default
+``group5`` and ``group6``, the affinity features) or of single blocks in them (``group5.1``) in one pass.
+
+``spatial_dims=3`` builds the same network from 3D layers (3x3x3 kernels, 2x2x2 pools, an N-d x8 pixel shuffle,
+:class:`~modalseg.models.layers.PixelShuffleNd`). Beware its size: the shuffle needs ``8**3`` channels per
+output channel, so group10's conv is 8 times wider than in 2D (about 226M parameters at f=16, C=4).
 """
 
 from __future__ import annotations
@@ -41,46 +48,65 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modalseg.errors import ConfigError
-from modalseg.models.msbn import convert_to_msbn
+from modalseg.models import layers
+from modalseg.models.layers import NormFactory
+from modalseg.models.msbn import selected_modality
 
-__all__ = ["DilatedFCN", "FEATURE_NAMES", "OUTPUT_STRIDE", "PreActivation", "ResidualBlock"]
+__all__ = ["DEFAULT_FEATURES", "DilatedFCN", "FEATURE_NAMES", "OUTPUT_STRIDE", "PreActivation", "ResidualBlock"]
 
 OUTPUT_STRIDE = 8
 FEATURE_NAMES = tuple(f"group{i}" for i in range(1, 11)) + ("classifier",)
+#: Paper 2's affinity taps: two intermediate, neighbouring groups at the same 1/8 resolution.
+DEFAULT_FEATURES = ("group5", "group6")
+#: The shared normalisation vocabulary plus "bn", the old name of "batch" (still accepted).
+_NORM_ALIASES = {"bn": "batch"}
 
 
 class PreActivation(nn.Sequential):
     """P = BN -> LeakyReLU -> Conv3x3 (no bias, optional dilation) -> Dropout."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, dilation: int = 1, dropout: float = 0.25, negative_slope: float = 0.2
+        self,
+        in_ch: int,
+        out_ch: int,
+        dilation: int = 1,
+        dropout: float = 0.25,
+        negative_slope: float = 0.2,
+        norm: str | NormFactory = "batch",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_ch)
+        self.bn = layers.norm_factory(norm, spatial_dims)(in_ch)
         self.act = nn.LeakyReLU(negative_slope, inplace=True)
-        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.conv = layers.conv(spatial_dims, in_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=False)
+        self.drop = layers.dropout(spatial_dims, dropout)
 
 
 class ResidualBlock(nn.Module):
     """Two pre-activation layers plus an identity shortcut, zero-padded on channels when widening."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, dilation: int = 1, dropout: float = 0.25, negative_slope: float = 0.2
+        self,
+        in_ch: int,
+        out_ch: int,
+        dilation: int = 1,
+        dropout: float = 0.25,
+        negative_slope: float = 0.2,
+        norm: str | NormFactory = "batch",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if out_ch < in_ch:
             raise ValueError(f"residual block cannot narrow {in_ch} -> {out_ch} channels (padded shortcut)")
         self.in_ch, self.out_ch = in_ch, out_ch
-        self.p1 = PreActivation(in_ch, out_ch, dilation, dropout, negative_slope)
-        self.p2 = PreActivation(out_ch, out_ch, dilation, dropout, negative_slope)
+        self.p1 = PreActivation(in_ch, out_ch, dilation, dropout, negative_slope, norm, spatial_dims)
+        self.p2 = PreActivation(out_ch, out_ch, dilation, dropout, negative_slope, norm, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.out_ch == self.in_ch else F.pad(x, (0, 0, 0, 0, 0, self.out_ch - self.in_ch))
+        shortcut = x if self.out_ch == self.in_ch else layers.pad_channels(x, self.out_ch - self.in_ch)
         return self.p2(self.p1(x)) + shortcut
 
 
@@ -90,12 +116,14 @@ class DilatedFCN(nn.Module):
     Args:
         in_channels: image channels per modality (1 in paper 2).
         num_classes: C, background included.
-        num_modalities: BN sets when ``norm="msbn"`` (ignored for ``norm="bn"``, which shares one set).
-        norm: ``"msbn"`` or ``"bn"``.
+        num_modalities: BN sets when ``norm="msbn"`` (ignored otherwise: one shared set).
+        norm: a name of :data:`~modalseg.models.layers.NORMS` (``"msbn"`` default; ``"batch"`` shares one BN
+            set, ``"bn"`` is its old name).
         width: base width f (16).
         dropout: drop probability p of every P layer (0.25; see the module docstring).
         negative_slope: LeakyReLU slope (0.2).
         shuffle_channels_per_class: channels per class after the pixel shuffle (8, giving 8*C).
+        spatial_dims: 2 (paper 2's network) or 3 (see the module docstring).
     """
 
     def __init__(
@@ -108,10 +136,13 @@ class DilatedFCN(nn.Module):
         dropout: float = 0.25,
         negative_slope: float = 0.2,
         shuffle_channels_per_class: int = 8,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        if norm not in ("msbn", "bn"):
-            raise ConfigError(f"dilated_fcn: norm must be 'msbn' or 'bn', got {norm!r}")
+        norm = _NORM_ALIASES.get(norm, norm) if isinstance(norm, str) else norm
+        if norm not in layers.NORMS:
+            raise ConfigError(f"dilated_fcn: norm must be one of {', '.join(layers.NORMS)} (or 'bn'), got {norm!r}")
+        d = layers.check_spatial_dims(spatial_dims, "dilated_fcn")
         if in_channels < 1 or num_classes < 1 or width < 1 or num_modalities < 1:
             raise ConfigError(
                 "dilated_fcn: in_channels, num_classes, width and num_modalities must be >= 1 "
@@ -122,40 +153,42 @@ class DilatedFCN(nn.Module):
         self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
         self.num_modalities = num_modalities if norm == "msbn" else 1
         self.norm = norm
-        f, kw = width, {"dropout": dropout, "negative_slope": negative_slope}
+        self.spatial_dims = d
+        factory = layers.norm_factory(norm, d, num_modalities=num_modalities, what="dilated_fcn")
+        f = width
+        kw = {"dropout": dropout, "negative_slope": negative_slope, "norm": factory, "spatial_dims": d}
 
-        def res(i: int, o: int, d: int = 1) -> ResidualBlock:
-            return ResidualBlock(i, o, d, **kw)
+        def res(i: int, o: int, dilation: int = 1) -> ResidualBlock:
+            return ResidualBlock(i, o, dilation, **kw)
 
         self.group1 = nn.Sequential(
-            nn.Conv2d(in_channels, f, 3, padding=1, bias=False), res(f, f), nn.MaxPool2d(2)
+            layers.conv(d, in_channels, f, 3, padding=1, bias=False), res(f, f), layers.max_pool(d, 2)
         )
-        self.group2 = nn.Sequential(res(f, 2 * f), nn.MaxPool2d(2))
-        self.group3 = nn.Sequential(res(2 * f, 4 * f), res(4 * f, 4 * f), nn.MaxPool2d(2))
+        self.group2 = nn.Sequential(res(f, 2 * f), layers.max_pool(d, 2))
+        self.group3 = nn.Sequential(res(2 * f, 4 * f), res(4 * f, 4 * f), layers.max_pool(d, 2))
         self.group4 = nn.Sequential(res(4 * f, 8 * f), res(8 * f, 8 * f))
         self.group5 = nn.Sequential(res(8 * f, 16 * f), res(16 * f, 16 * f))
         self.group6 = nn.Sequential(res(16 * f, 16 * f), res(16 * f, 16 * f))
         self.group7 = nn.Sequential(res(16 * f, 32 * f), res(32 * f, 32 * f))
         self.group8 = nn.Sequential(res(32 * f, 32 * f, 2), res(32 * f, 32 * f, 2))
         self.group9 = nn.Sequential(PreActivation(32 * f, 32 * f, **kw), PreActivation(32 * f, 32 * f, **kw))
-        up_ch = shuffle_channels_per_class * num_classes * OUTPUT_STRIDE**2
+        up_ch = shuffle_channels_per_class * num_classes * OUTPUT_STRIDE**d
         self.group10 = nn.Sequential(
-            nn.Conv2d(32 * f, up_ch, 3, padding=1, bias=False),
-            nn.BatchNorm2d(up_ch),
+            layers.conv(d, 32 * f, up_ch, 3, padding=1, bias=False),
+            factory(up_ch),
             nn.LeakyReLU(negative_slope, inplace=True),
-            nn.PixelShuffle(OUTPUT_STRIDE),
+            layers.pixel_shuffle(d, OUTPUT_STRIDE),
         )
-        self.classifier = nn.Conv2d(
-            shuffle_channels_per_class * num_classes, num_classes, 5, padding=2, bias=False
+        self.classifier = layers.conv(
+            d, shuffle_channels_per_class * num_classes, num_classes, 5, padding=2, bias=False
         )
         self._init_weights(negative_slope)
-        if norm == "msbn":
-            convert_to_msbn(self, num_modalities)
 
     def _init_weights(self, negative_slope: float) -> None:
         # He initialisation for the leaky-ReLU convolutions (PyTorch's default is a scaled uniform).
+        conv_type = layers.layer_type("conv", self.spatial_dims)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, conv_type):
                 nn.init.kaiming_normal_(m.weight, a=negative_slope, nonlinearity="leaky_relu")
 
     #: stride 8, undone by an 8x pixel shuffle: sides must be multiples of 8
@@ -166,25 +199,59 @@ class DilatedFCN(nn.Module):
         """The named stages in forward order (``group1`` ... ``group10``, ``classifier``)."""
         return [(name, getattr(self, name)) for name in FEATURE_NAMES]
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Every name :meth:`forward_features` can return: the groups and the blocks inside them (``group5.1``)."""
+        names: list[str] = []
+        for name, module in self.groups():
+            names.append(name)
+            if isinstance(module, nn.Sequential):
+                names += [f"{name}.{i}" for i in range(len(module))]
+        return tuple(names)
+
+    #: What ``forward_features`` returns without ``layers``: paper 2's affinity features
+    default_features: tuple[str, ...] = DEFAULT_FEATURES
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x, ())[0]
+        return self._run(x, ())[0]
 
     def forward_features(
-        self, x: torch.Tensor, names: Sequence[str] = ("group5", "group6")
+        self, x: torch.Tensor, modality: int | None = None, *, layers: Sequence[str] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits (B, C, H, W) and the outputs of the named groups (e.g. ``group5`` at 1/8 resolution)."""
-        unknown = [n for n in names if n not in FEATURE_NAMES]
+        """Logits ``(B, C, *spatial)`` and the outputs of the named groups or blocks, in one forward pass.
+
+        Default ``layers``: ``group5`` and ``group6`` (both at 1/8 resolution). ``modality`` selects the BN set
+        (``norm="msbn"``) for this call; ``None`` keeps the current one.
+        """
+        names = self.default_features if layers is None else tuple(layers)
+        unknown = [n for n in names if n not in self.feature_names]
         if unknown:
             known = ", ".join(FEATURE_NAMES)
-            raise ConfigError(f"dilated_fcn: unknown feature layer(s) {unknown}; known: {known}")
-        h, w = x.shape[-2:]
-        if h % OUTPUT_STRIDE or w % OUTPUT_STRIDE:
+            raise ConfigError(f"dilated_fcn: unknown feature layer(s) {unknown}; known: {known} (or groupN.i)")
+        with selected_modality(self, modality):
+            return self._run(x, names)
+
+    def _run(self, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if x.dim() != 2 + self.spatial_dims:
             raise ConfigError(
-                f"dilated_fcn: input size {h}x{w} is not a multiple of the output stride {OUTPUT_STRIDE}"
+                f"dilated_fcn: expects a {self.spatial_dims}D batch (B, C, *spatial), got {tuple(x.shape)}"
             )
+        size = x.shape[2:]
+        if any(s % OUTPUT_STRIDE for s in size):
+            shown = "x".join(str(s) for s in size)
+            raise ConfigError(
+                f"dilated_fcn: input size {shown} is not a multiple of the output stride {OUTPUT_STRIDE}"
+            )
+        want = set(names)
         feats: dict[str, torch.Tensor] = {}
         for name, module in self.groups():
-            x = module(x)
-            if name in names:
+            if any(n.startswith(name + ".") for n in want):  # block by block to keep the blocks' outputs
+                for i, block in enumerate(module):
+                    x = block(x)
+                    if f"{name}.{i}" in want:
+                        feats[f"{name}.{i}"] = x
+            else:
+                x = module(x)
+            if name in want:
                 feats[name] = x
-        return x, feats
+        return x, {n: feats[n] for n in names}

@@ -22,23 +22,33 @@ Generalisation to M >= 2 modalities (one master, M-1 assistants, each its own st
 a master block fed by a fused feature reads ``M * w_{k-1}`` channels, and the decoder's widths follow its
 skips (``M * w_k`` for the concatenation-skip models). With M = 2 this is exactly the paper's layouts.
 
-Attention maps: after every forward pass of a model with SA gates, ``model.attention_maps`` holds the
-detached maps, ``{"master": [s_0 .. s_depth], "assistant1": [...], ...}`` (one (B, 1, h_k, w_k) tensor per
-encoder block, shallow to deep; the proposed network only has ``"master"``, whose maps gate every stream).
-Recording is on by default (it keeps references to maps that exist anyway, ~1.33 x B x H x W values);
-set ``model.record_attention = False`` to skip it.
+Side outputs: ``logits, features = model.forward_features(x)`` returns, in the same forward pass, the SA maps
+keyed by the path of the gate that made them (``"master.gates.k"``, ``"assistants.i.gates.k"``; one
+``(B, 1, h_k, w_k)`` tensor per encoder block, k = 0 shallow .. depth; the proposed network only has master
+gates, whose maps gate every stream); :func:`attention_maps` groups them per stream as
+``{"master": [s_0 .. s_depth], "assistant1": [...]}``. ``layers=[...]`` asks for other intermediate features
+instead (:attr:`FusionUNet.feature_names`: encoder blocks, gates, decoder steps), e.g. paper 2's affinity
+features when the U-Net is its unpaired backbone. The features are not detached (they carry gradients).
+
+Deprecated (kept for the callers that read it): after every forward pass ``model.attention_maps`` holds the
+detached maps grouped as :func:`attention_maps` does, unless ``model.record_attention = False``.
+
+``spatial_dims=3`` (:class:`FusionConfig`) builds the same layouts from 3D layers (trilinear upsampling,
+3x3x3 kernels, SA maps ``(B, 1, d, h, w)``); every side needs ``2**depth`` voxels at least.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from modalseg.errors import ConfigError
-from modalseg.models.blocks import ConvBlock, NormFactory, SpatialAttention, UpBlock
+from modalseg.models import layers
+from modalseg.models.blocks import ConvBlock, Norm, SpatialAttention, UpBlock
+from modalseg.models.msbn import selected_modality
 
 __all__ = [
     "EncoderStream",
@@ -46,7 +56,29 @@ __all__ = [
     "UNetDecoder",
     "FusionConfig",
     "FusionUNet",
+    "attention_maps",
 ]
+
+
+def attention_maps(features: Mapping[str, torch.Tensor], detach: bool = True) -> dict[str, list[torch.Tensor]]:
+    """SA maps of a ``forward_features`` result grouped per stream, shallow to deep (paper 1, Fig. 5).
+
+    ``"master.gates.k"`` goes to ``"master"``, ``"assistants.i.gates.k"`` to ``f"assistant{i + 1}"``; other
+    features are ignored. With ``detach`` (default) the maps are detached, as the old ``attention_maps``
+    attribute held them.
+    """
+    grouped: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in features.items():
+        parts = key.split(".")
+        if parts[:2] == ["master", "gates"] and len(parts) == 3:
+            stream, level = "master", parts[2]
+        elif len(parts) == 4 and parts[0] == "assistants" and parts[2] == "gates":
+            stream, level = f"assistant{int(parts[1]) + 1}", parts[3]
+        else:
+            continue
+        grouped.setdefault(stream, {})[int(level)] = value.detach() if detach else value
+    order = sorted(grouped, key=lambda s: (s != "master", len(s), s))
+    return {s: [grouped[s][k] for k in sorted(grouped[s])] for s in order}
 
 
 class EncoderStream(nn.Module):
@@ -63,15 +95,19 @@ class EncoderStream(nn.Module):
         attention: bool = False,
         sa_reduction: int = 16,
         sa_dilation: int = 4,
-        norm: NormFactory = nn.BatchNorm2d,
+        norm: Norm = "batch",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if len(in_channels) != len(widths):
             raise ValueError("one input width per level is needed")
         self.widths = tuple(widths)
-        self.blocks = nn.ModuleList(ConvBlock(c, w, norm=norm) for c, w in zip(in_channels, widths, strict=True))
+        d = spatial_dims
+        self.blocks = nn.ModuleList(
+            ConvBlock(c, w, norm=norm, spatial_dims=d) for c, w in zip(in_channels, widths, strict=True)
+        )
         self.gates = (
-            nn.ModuleList(SpatialAttention(w, sa_reduction, sa_dilation, norm=norm) for w in widths)
+            nn.ModuleList(SpatialAttention(w, sa_reduction, sa_dilation, norm=norm, spatial_dims=d) for w in widths)
             if attention
             else None
         )
@@ -124,7 +160,8 @@ class UNetDecoder(nn.Module):
         num_classes: int,
         widths: Sequence[int] | None = None,
         upsample: str = "bilinear",
-        norm: NormFactory = nn.BatchNorm2d,
+        norm: Norm = "batch",
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         widths = tuple(skip_channels) if widths is None else tuple(widths)
@@ -133,16 +170,25 @@ class UNetDecoder(nn.Module):
         ups = []
         cin = bottleneck_channels
         for k in reversed(range(len(skip_channels))):
-            ups.append(UpBlock(cin, skip_channels[k], widths[k], mode=upsample, norm=norm))
+            ups.append(UpBlock(cin, skip_channels[k], widths[k], mode=upsample, norm=norm, spatial_dims=spatial_dims))
             cin = widths[k]
         self.ups = nn.ModuleList(ups)
-        self.head = nn.Conv2d(cin, num_classes, kernel_size=1)
+        self.head = layers.conv(spatial_dims, cin, num_classes, 1)
 
     def forward(self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.forward_features(bottleneck, skips)[0]
+
+    def forward_features(
+        self, bottleneck: torch.Tensor, skips: Sequence[torch.Tensor], keep: Collection[int] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits and the outputs of the decoder steps ``keep`` (index j of ``ups``, deep to shallow)."""
         x = bottleneck
-        for up, skip in zip(self.ups, reversed(skips), strict=True):
+        kept: dict[int, torch.Tensor] = {}
+        for j, (up, skip) in enumerate(zip(self.ups, reversed(skips), strict=True)):
             x = up(x, skip)
-        return self.head(x)
+            if j in keep:
+                kept[j] = x
+        return self.head(x), kept
 
 
 _FUSIONS = ("none", "concat", "sum")
@@ -177,6 +223,7 @@ class FusionConfig:
         upsample: ``bilinear`` (+ Conv3x3-BN-ReLU) or ``transpose`` (2x2 transposed conv).
         decoder_widths: decoder widths per skip level (default: the skip widths).
         sa_reduction, sa_dilation: SA block's r and d (paper 1: 16 and 4).
+        spatial_dims: 2 (paper 1's networks) or 3 (the same layouts on volumes).
     """
 
     num_modalities: int
@@ -195,6 +242,7 @@ class FusionConfig:
     sa_reduction: int = 16
     sa_dilation: int = 4
     name: str = field(default="fusion_unet", compare=False)
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -228,6 +276,7 @@ class FusionConfig:
                 raise bad(f"fuses a master with assistants and needs num_modalities >= 2, got {self.num_modalities}")
         if self.decoder_widths is not None and len(self.decoder_widths) != self.depth:
             raise bad(f"needs {self.depth} decoder widths, got {list(self.decoder_widths)}")
+        layers.check_spatial_dims(self.spatial_dims, f"model {self.name}")
 
     @property
     def depth(self) -> int:
@@ -241,13 +290,17 @@ class FusionConfig:
 class FusionUNet(nn.Module):
     """The generic paired-fusion U-Net of paper 1: every U-Net-based Table 1 row is a :class:`FusionConfig`.
 
-    Input: ``(B, num_modalities * in_channels, H, W)``, modalities as channel groups, master first.
-    Output: logits ``(B, num_classes, H, W)``. See the module docstring for the layouts and attention maps.
+    Input: ``(B, num_modalities * in_channels, *spatial)``, modalities as channel groups, master first.
+    Output: logits ``(B, num_classes, *spatial)``. ``norm`` is a name of :data:`~modalseg.models.layers.NORMS`
+    or a factory; ``norm_sets`` is the number of BN sets of ``"msbn"``. See the module docstring for the layouts
+    and :meth:`forward_features` for the side outputs.
     """
 
-    def __init__(self, config: FusionConfig, norm: NormFactory = nn.BatchNorm2d) -> None:
+    def __init__(self, config: FusionConfig, norm: Norm = "batch", norm_sets: int = 2) -> None:
         super().__init__()
         self.config = cfg = config
+        d = cfg.spatial_dims
+        norm = layers.norm_factory(norm, d, num_modalities=norm_sets, what=f"model {cfg.name}")
         widths = cfg.widths
         n_assist = cfg.num_assistants
         self.fusion = Fusion(cfg.fusion if cfg.fusion != "none" else "concat")
@@ -256,13 +309,13 @@ class FusionUNet(nn.Module):
         stream_in = cfg.in_channels * (cfg.num_modalities if cfg.stack_inputs else 1)
         master_in = [stream_in] + [fused[k] if cfg.fuse_into_master else widths[k] for k in range(cfg.depth)]
         assistant_in = [stream_in] + list(widths[:-1])
-        sa_kw = dict(sa_reduction=cfg.sa_reduction, sa_dilation=cfg.sa_dilation, norm=norm)
+        sa_kw = dict(sa_reduction=cfg.sa_reduction, sa_dilation=cfg.sa_dilation, norm=norm, spatial_dims=d)
         self.master = EncoderStream(master_in, widths, attention=cfg.attention != "none", **sa_kw)
         self.assistants = nn.ModuleList(
             EncoderStream(assistant_in, widths, attention=cfg.attention == "per_stream", **sa_kw)
             for _ in range(n_assist)
         )
-        self.pool = nn.MaxPool2d(2)
+        self.pool = layers.max_pool(d, 2)
         self.sum = Fusion("sum")
         skip_in = fused[:-1] if cfg.skip_source == "fused" else list(widths[:-1])
         bottleneck_in = fused[-1] if cfg.bottleneck == "fused" else widths[-1]
@@ -273,6 +326,7 @@ class FusionUNet(nn.Module):
             widths=cfg.decoder_widths,
             upsample=cfg.upsample,
             norm=norm,
+            spatial_dims=d,
         )
         self.record_attention = True
         self.attention_maps: dict[str, list[torch.Tensor]] = {}
@@ -287,13 +341,68 @@ class FusionUNet(nn.Module):
         sides need not be multiples of it (the decoder sizes each upsampling to its skip)."""
         return 2**self.config.depth
 
+    @property
+    def gate_names(self) -> tuple[str, ...]:
+        """Feature names of the SA maps (``master.gates.k``, ``assistants.i.gates.k``), shallow to deep."""
+        names = [f"master.gates.{k}" for k in range(len(self.master))] if self.master.gates is not None else []
+        for i, stream in enumerate(self.assistants):
+            if stream.gates is not None:
+                names += [f"assistants.{i}.gates.{k}" for k in range(len(stream))]
+        return tuple(names)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Every name :meth:`forward_features` can return: the output of the module of that path.
+
+        Encoder blocks (``master.blocks.k``, ``assistants.i.blocks.k``; before the SA gate), SA maps
+        (:attr:`gate_names`) and decoder steps (``decoder.ups.j``, j = 0 the deepest).
+        """
+        names = [f"master.blocks.{k}" for k in range(len(self.master))]
+        for i, stream in enumerate(self.assistants):
+            names += [f"assistants.{i}.blocks.{k}" for k in range(len(stream))]
+        names += self.gate_names
+        names += [f"decoder.ups.{j}" for j in range(len(self.decoder.ups))]
+        return tuple(names)
+
+    @property
+    def default_features(self) -> tuple[str, ...]:
+        """What :meth:`forward_features` returns without ``layers``: the SA maps (none for models without SA)."""
+        return self.gate_names
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        if x.dim() != 4 or x.shape[1] != self.expected_channels:
+        return self._run(x, ())[0]
+
+    def forward_features(
+        self, x: torch.Tensor, modality: int | None = None, *, layers: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and side outputs of one forward pass: the SA maps by default, or the named ``layers``.
+
+        ``modality`` selects the BN set of a model built with ``norm="msbn"`` for this call (a paired model
+        sees every modality at once, so it is normally ``None``). Names: :attr:`feature_names`.
+        """
+        names = self.default_features if layers is None else tuple(layers)
+        unknown = [n for n in names if n not in self.feature_names]
+        if unknown:
             raise ConfigError(
-                f"model {cfg.name}: expects input (B, {self.expected_channels}, H, W) = {cfg.num_modalities} "
+                f"model {self.config.name}: unknown feature layer(s) {unknown}; known: {', '.join(self.feature_names)}"
+            )
+        with selected_modality(self, modality):
+            return self._run(x, names)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 2 + cfg.spatial_dims or x.shape[1] != self.expected_channels:
+            axes = "H, W" if cfg.spatial_dims == 2 else "D, H, W"
+            raise ConfigError(
+                f"model {cfg.name}: expects input (B, {self.expected_channels}, {axes}) = {cfg.num_modalities} "
                 f"modalities x {cfg.in_channels} channels, got {tuple(x.shape)}"
             )
+
+    def _run(self, x: torch.Tensor, names: Collection[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The forward pass; keeps the outputs named in ``names`` (and records ``attention_maps``)."""
+        cfg = self.config
+        self._check_input(x)
+        want = set(names)
         n_assist = len(self.assistants)
         if n_assist:
             inputs = list(torch.split(x, cfg.in_channels, dim=1))
@@ -301,12 +410,12 @@ class FusionUNet(nn.Module):
         else:
             m_in, a_in = x, []
         record = self.record_attention and cfg.attention != "none"
-        maps: dict[str, list[torch.Tensor]] = {}
-        if record:
-            maps["master"] = []
-            if cfg.attention == "per_stream":
-                for i in range(n_assist):
-                    maps[f"assistant{i + 1}"] = []
+        feats: dict[str, torch.Tensor] = {}
+        maps: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, value: torch.Tensor) -> None:
+            if name in want:
+                feats[name] = value
 
         fused_skips = cfg.skip_source == "fused" and n_assist > 0
         skips: list[torch.Tensor] = []
@@ -314,22 +423,22 @@ class FusionUNet(nn.Module):
         for k in range(last + 1):
             fm = self.master.blocks[k](m_in)
             fa = [s.blocks[k](a) for s, a in zip(self.assistants, a_in, strict=True)]
+            keep(f"master.blocks.{k}", fm)
+            for i, f in enumerate(fa):
+                keep(f"assistants.{i}.blocks.{k}", f)
             if cfg.attention == "none":
                 gm, ga = fm, fa
             else:
                 sm = self.master.gates[k](fm)
                 gm = fm * sm
+                maps[f"master.gates.{k}"] = sm
                 if cfg.attention == "master":
                     ga = [f * sm for f in fa]
-                    if record:
-                        maps["master"].append(sm.detach())
                 else:
                     sa = [s.gates[k](f) for s, f in zip(self.assistants, fa, strict=True)]
                     ga = [f * s for f, s in zip(fa, sa, strict=True)]
-                    if record:
-                        maps["master"].append(sm.detach())
-                        for i, s in enumerate(sa):
-                            maps[f"assistant{i + 1}"].append(s.detach())
+                    for i, s in enumerate(sa):
+                        maps[f"assistants.{i}.gates.{k}"] = s
             if k < last:
                 into_master = cfg.fuse_into_master and n_assist > 0
                 y = self.fusion([gm, *ga]) if (into_master or fused_skips) else gm
@@ -342,5 +451,14 @@ class FusionUNet(nn.Module):
             bottleneck = self.fusion([gm, *ga])
         else:
             bottleneck = self.sum([gm, *ga])
-        self.attention_maps = maps
-        return self.decoder(bottleneck, skips)
+        ups = {int(n.rsplit(".", 1)[1]) for n in want if n.startswith("decoder.ups.")}
+        if ups:
+            logits, up_out = self.decoder.forward_features(bottleneck, skips, ups)
+        else:  # through __call__, as before forward_features existed (hooks on the decoder still fire)
+            logits, up_out = self.decoder(bottleneck, skips), {}
+        for j, value in up_out.items():
+            feats[f"decoder.ups.{j}"] = value
+        for name, value in maps.items():
+            keep(name, value)
+        self.attention_maps = attention_maps(maps) if record else {}
+        return logits, {n: feats[n] for n in names}

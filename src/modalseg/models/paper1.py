@@ -1,21 +1,26 @@
-"""Paper 1 (Li et al.) paired fusion models: registration of the ten Table 1 configurations.
+"""Paper 1 (Li et al.) paired fusion models: the ten Table 1 configurations, each registered with its card.
 
 Every builder takes ``num_modalities`` (master first), ``in_channels`` (per modality), ``num_classes`` and
-keyword options:
+keyword options (:data:`PAPER1_OPTIONS`):
 
-- ``base_width``: width of the first encoder block; widths double per level. Default 64 for U-Net,
-  U-Net + SA, EarlyFuseUNet, FuseOriginUNet and FuseNet; 32 (half width) for LateFuseUNet, FuseUNet,
-  FuseUNet + SA and the proposed network.
+- ``base_width``: width of the first encoder block; widths double per level. Default (the card's
+  ``default_width``) 64 for U-Net, U-Net + SA, EarlyFuseUNet, FuseOriginUNet and FuseNet; 32 (half width) for
+  LateFuseUNet, FuseUNet, FuseUNet + SA and the proposed network.
 - ``depth``: number of poolings (default 4; FuseNet's VGG16 encoder has 5 stages and accepts only 5).
 - ``sa_reduction`` (r, default 16), ``sa_dilation`` (d, default 4): the SA block of Fig. 3b.
 - ``assistant_from_sa`` (default True): assistant block k+1 reads the SA-gated assistant features (the SA
   block sits "before each pooling layer"); False: the ungated ones. Same parameter count either way.
-- ``norm``: normalisation factory ``channels -> nn.Module`` or a name from :data:`NORM_LAYERS`
-  ("batch", "instance", "group"; default ``nn.BatchNorm2d``).
+- ``norm``: a name of :data:`modalseg.models.layers.NORMS` ("batch" default, "instance", "group", "msbn",
+  "none") or a factory ``channels -> nn.Module``; ``norm_sets``: BN sets of "msbn" (default 2).
+- ``spatial_dims``: 2 (default, the paper's networks) or 3.
 
 Options that a model does not use (e.g. ``sa_reduction`` for FuseUNet) are accepted and ignored, so one
 ``model_options`` mapping can serve a whole Table 1 sweep; unknown names raise :class:`ConfigError`.
 See :mod:`modalseg.models.fusion` for the layouts and how widths grow with more than two modalities.
+
+The card of each model (:func:`modalseg.models.model_card`) holds its Table 1 row, the printed and the
+reconstructed parameter count (3 input channels per modality, 2 classes, BN, two modalities for the fusion
+models; reference facts, Paper 1); the constants below are derived from the cards.
 """
 
 from __future__ import annotations
@@ -26,58 +31,31 @@ from typing import Any
 from torch import nn
 
 from modalseg.errors import ConfigError
+from modalseg.models import layers
 from modalseg.models.fusenet import FuseNet
 from modalseg.models.fusion import FusionConfig, FusionUNet
-from modalseg.models.registry import register_model
+from modalseg.models.registry import ModelCard, ParamCount, list_models, model_cards, register_model
 
-__all__ = ["PAPER1_TABLE1_PARAMS", "PAPER1_RECONSTRUCTED_PARAMS", "PAPER1_TABLE1_ROWS", "PAPER1_MODELS"]
+__all__ = [
+    "NORM_LAYERS",
+    "PAPER1_MODELS",
+    "PAPER1_OPTIONS",
+    "PAPER1_RECONSTRUCTED_PARAMS",
+    "PAPER1_TABLE1_PARAMS",
+    "PAPER1_TABLE1_ROWS",
+]
 
-#: Paper 1 Table 1's "Number of parameters" column, in millions (as printed).
-PAPER1_TABLE1_PARAMS: dict[str, float] = {
-    "unet": 34.5,
-    "unet_sa": 34.7,
-    "fusenet": 29.4,
-    "fusenet_concat": 74.0,
-    "fuse_origin_unet": 56.2,
-    "early_fuse_unet": 34.5,
-    "late_fuse_unet": 25.1,
-    "fuse_unet": 26.7,
-    "fuse_unet_sa": 26.8,
-    "master_assistant": 26.7,
-}
-
-#: Counts of our builds in millions (3 input channels per modality, 2 classes, BN, two modalities).
-#: All U-Net-based rows match the paper to its printed precision; the FuseNet rows do not (see fusenet.py).
-PAPER1_RECONSTRUCTED_PARAMS: dict[str, float] = {
-    "unet": 34.527,
-    "unet_sa": 34.713,
-    "fusenet": 44.167,
-    "fusenet_concat": 50.434,
-    "fuse_origin_unet": 56.164,
-    "early_fuse_unet": 34.529,
-    "late_fuse_unet": 25.108,
-    "fuse_unet": 26.675,
-    "fuse_unet_sa": 26.768,
-    "master_assistant": 26.722,
-}
-
-#: Table 1 row label of each registered name.
-PAPER1_TABLE1_ROWS: dict[str, str] = {
-    "unet": "U-Net (T1C)",
-    "unet_sa": "U-Net + SA (T1C)",
-    "fusenet": "FuseNet",
-    "fusenet_concat": "FuseNetConcate",
-    "fuse_origin_unet": "FuseOriginUNet",
-    "early_fuse_unet": "EarlyFuseUNet",
-    "late_fuse_unet": "LateFuseUNet",
-    "fuse_unet": "FuseUNet",
-    "fuse_unet_sa": "FuseUNet + SA",
-    "master_assistant": "Proposed",
-}
-
-PAPER1_MODELS: tuple[str, ...] = tuple(PAPER1_TABLE1_PARAMS)
-
-_OPTIONS = ("base_width", "depth", "sa_reduction", "sa_dilation", "assistant_from_sa", "norm")
+#: Keyword options of every paper-1 builder (beyond num_modalities, in_channels, num_classes).
+PAPER1_OPTIONS = (
+    "base_width",
+    "depth",
+    "sa_reduction",
+    "sa_dilation",
+    "assistant_from_sa",
+    "norm",
+    "norm_sets",
+    "spatial_dims",
+)
 
 
 def _int_option(name: str, model: str, value: Any, minimum: int = 1) -> int:
@@ -87,44 +65,36 @@ def _int_option(name: str, model: str, value: Any, minimum: int = 1) -> int:
 
 
 def _options(model: str, options: dict[str, Any], base_width: int) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(_OPTIONS))
+    unknown = sorted(set(options) - set(PAPER1_OPTIONS))
     if unknown:
-        raise ConfigError(f"model {model}: unknown option(s) {', '.join(unknown)}; known: {', '.join(_OPTIONS)}")
+        known = ", ".join(PAPER1_OPTIONS)
+        raise ConfigError(f"model {model}: unknown option(s) {', '.join(unknown)}; known: {known}")
     out = {
         "base_width": _int_option("base_width", model, options.get("base_width", base_width)),
         "depth": _int_option("depth", model, options.get("depth", 4)),
         "sa_reduction": _int_option("sa_reduction", model, options.get("sa_reduction", 16)),
         "sa_dilation": _int_option("sa_dilation", model, options.get("sa_dilation", 4)),
         "assistant_from_sa": options.get("assistant_from_sa", True),
-        "norm": options.get("norm", nn.BatchNorm2d),
+        "norm": options.get("norm", "batch"),
+        "norm_sets": _int_option("norm_sets", model, options.get("norm_sets", 2)),
+        "spatial_dims": layers.check_spatial_dims(options.get("spatial_dims", 2), f"model {model}"),
     }
     if not isinstance(out["assistant_from_sa"], bool):
         raise ConfigError(f"model {model}: option assistant_from_sa must be true or false")
     if isinstance(out["norm"], str):
-        if out["norm"] not in NORM_LAYERS:
-            known = ", ".join(NORM_LAYERS)
+        if out["norm"] not in layers.NORMS:
+            known = ", ".join(layers.NORMS)
             raise ConfigError(f"model {model}: option norm must be one of {known}, got {out['norm']!r}")
-        out["norm"] = NORM_LAYERS[out["norm"]]
-    if not callable(out["norm"]):
+    elif not callable(out["norm"]):
         raise ConfigError(f"model {model}: option norm must be a name or a callable channels -> module")
     return out
 
 
-def _instance_norm(channels: int) -> nn.Module:
-    return nn.InstanceNorm2d(channels, affine=True)
-
-
-def _group_norm(channels: int) -> nn.Module:
-    return nn.GroupNorm(min(8, channels), channels)
-
-
-#: Names usable in config files for the ``norm`` option. "instance" and "group" normalise each image on its own,
-#: which makes multi-process (DDP) training on CPU match single-process training exactly (BatchNorm uses per-rank
-#: batch statistics under DDP; SyncBatchNorm is CUDA-only).
+#: 2D factories of the config-file ``norm`` names (kept for old callers; models take the names themselves).
+#: "instance" and "group" normalise each image on its own, which makes multi-process (DDP) training on CPU
+#: match single-process training exactly (BatchNorm uses per-rank batch statistics under DDP).
 NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
-    "batch": nn.BatchNorm2d,
-    "instance": _instance_norm,
-    "group": _group_norm,
+    name: layers.norm_factory(name, 2) for name in ("batch", "instance", "group")
 }
 
 
@@ -140,12 +110,39 @@ def _check_modalities(model: str, num_modalities: Any, single: bool) -> int:
     return n
 
 
-def _fusion_builder(name: str, single: bool, default_base: int, **layout: Any) -> Callable[..., FusionUNet]:
+def _reference(name: str, single: bool, count: int, printed: float, note: str = "") -> tuple[ParamCount, ...]:
+    """Paper 1's counting configuration: 3 input channels per modality, 2 classes, BN, two modalities."""
+    options = (("num_modalities", 1 if single else 2), ("in_channels", 3), ("num_classes", 2))
+    return (ParamCount(options, count, printed, note),)
+
+
+def _card(
+    name: str, row: int, label: str, inputs: str, width: int, count: int, printed: float, description: str,
+    family: str = "fusion_unet", note: str = "", affinity_layers: tuple[str, ...] = (),
+) -> ModelCard:
+    return ModelCard(
+        name=name,
+        paper="paper1",
+        family=family,
+        inputs=inputs,
+        description=description,
+        default_width=width,
+        table1_row=row,
+        table1_label=label,
+        counts=_reference(name, inputs == "single", count, printed, note),
+        options=PAPER1_OPTIONS,
+        affinity_layers=affinity_layers,
+    )
+
+
+def _fusion_builder(card: ModelCard, **layout: Any) -> Callable[..., FusionUNet]:
+    name, single = card.name, card.inputs == "single"
+
     def build(
         num_modalities: int = 1 if single else 2, in_channels: int = 1, num_classes: int = 2, **options: Any
     ) -> FusionUNet:
         n = _check_modalities(name, num_modalities, single)
-        opts = _options(name, options, default_base)
+        opts = _options(name, options, card.default_width)
         widths = tuple(opts["base_width"] * 2**k for k in range(opts["depth"] + 1))
         config = FusionConfig(
             num_modalities=n,
@@ -156,78 +153,99 @@ def _fusion_builder(name: str, single: bool, default_base: int, **layout: Any) -
             sa_reduction=opts["sa_reduction"],
             sa_dilation=opts["sa_dilation"],
             name=name,
+            spatial_dims=opts["spatial_dims"],
             **layout,
         )
-        return FusionUNet(config, norm=opts["norm"])
+        return FusionUNet(config, norm=opts["norm"], norm_sets=opts["norm_sets"])
 
-    return build
-
-
-def _register(name: str, doc: str, builder: Callable[..., nn.Module]) -> None:
-    builder.__doc__ = doc
-    builder.__name__ = builder.__qualname__ = f"build_{name}"
-    register_model(name)(builder)
+    return _named(card, build)
 
 
-_register(
-    "unet",
-    "U-Net (Table 1 row 1): one modality, widths 64..1024, bilinear + conv upsampling.",
-    _fusion_builder("unet", True, 64),
+def _named(card: ModelCard, builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    builder.__doc__ = card.description
+    builder.__name__ = builder.__qualname__ = f"build_{card.name}"
+    return register_model(card)(builder)
+
+
+_fusion_builder(
+    _card(
+        "unet", 1, "U-Net (T1C)", "single", 64, 34_527_106, 34.5,
+        "U-Net (Table 1 row 1): one modality, widths 64..1024, bilinear + conv upsampling.",
+        # Paper 2 (unpaired) with paper 1's U-Net as backbone: the closest intermediate pair at equal
+        # resolution is the last encoder block before the bottleneck and the first decoder block (1/8).
+        affinity_layers=("master.blocks.3", "decoder.ups.0"),
+    )
 )
-_register(
-    "unet_sa",
-    "U-Net + SA: an SA gate after each of the 5 encoder blocks; the gated map is skip and next input.",
-    _fusion_builder("unet_sa", True, 64, attention="master"),
-)
-_register(
-    "early_fuse_unet",
-    "EarlyFuseUNet: U-Net on all modalities stacked at the input.",
-    _fusion_builder("early_fuse_unet", False, 64, stack_inputs=True),
-)
-_register(
-    "late_fuse_unet",
-    "LateFuseUNet: independent half-width streams, concatenated only at the skips and the bottleneck.",
-    _fusion_builder("late_fuse_unet", False, 32, fusion="concat"),
-)
-_register(
-    "fuse_origin_unet",
-    "FuseOriginUNet: full-width streams, master block k+1 reads concat(master_k, assistants_k); "
-    "decoder on the master's skips; transposed-conv upsampling.",
-    # The reconstructed 56.164M includes the assistants' deepest block; paper 1 does not say what it
-    # feeds. Rather than leave ~14M parameters dead we add it into the master's bottleneck (parameter-free,
-    # FuseNet-style sum), so every parameter is trained.
-    _fusion_builder(
-        "fuse_origin_unet",
-        False,
-        64,
-        fusion="concat",
-        fuse_into_master=True,
-        skip_source="master",
-        bottleneck="sum",
-        upsample="transpose",
+_fusion_builder(
+    _card(
+        "unet_sa", 2, "U-Net + SA (T1C)", "single", 64, 34_713_121, 34.7,
+        "U-Net + SA: an SA gate after each of the 5 encoder blocks; the gated map is skip and next input.",
     ),
+    attention="master",
 )
-_register(
-    "fuse_unet",
-    "FuseUNet: half-width streams; y_k = concat(master_k, assistants_k) is skip k and next master input.",
-    _fusion_builder("fuse_unet", False, 32, fusion="concat", fuse_into_master=True),
+_fusion_builder(
+    _card(
+        "early_fuse_unet", 6, "EarlyFuseUNet", "paired", 64, 34_528_834, 34.5,
+        "EarlyFuseUNet: U-Net on all modalities stacked at the input.",
+    ),
+    stack_inputs=True,
 )
-_register(
-    "fuse_unet_sa",
-    "FuseUNet + SA: every stream gated by its own SA map at each of the 5 encoder blocks.",
-    _fusion_builder("fuse_unet_sa", False, 32, fusion="concat", fuse_into_master=True, attention="per_stream"),
+_fusion_builder(
+    _card(
+        "late_fuse_unet", 7, "LateFuseUNet", "paired", 32, 25_108_354, 25.1,
+        "LateFuseUNet: independent half-width streams, concatenated only at the skips and the bottleneck.",
+    ),
+    fusion="concat",
 )
-_register(
-    "master_assistant",
-    "Proposed (paper 1): FuseUNet whose master SA maps gate the master and every assistant stream.",
-    _fusion_builder("master_assistant", False, 32, fusion="concat", fuse_into_master=True, attention="master"),
+# The reconstructed 56.164M includes the assistants' deepest block; paper 1 does not say what it feeds.
+# Rather than leave ~14M parameters dead we add it into the master's bottleneck (parameter-free, FuseNet-style
+# sum), so every parameter is trained.
+_fusion_builder(
+    _card(
+        "fuse_origin_unet", 5, "FuseOriginUNet", "paired", 64, 56_163_522, 56.2,
+        "FuseOriginUNet: full-width streams, master block k+1 reads concat(master_k, assistants_k); "
+        "decoder on the master's skips; transposed-conv upsampling.",
+    ),
+    fusion="concat",
+    fuse_into_master=True,
+    skip_source="master",
+    bottleneck="sum",
+    upsample="transpose",
+)
+_fusion_builder(
+    _card(
+        "fuse_unet", 8, "FuseUNet", "paired", 32, 26_675_074, 26.7,
+        "FuseUNet: half-width streams; y_k = concat(master_k, assistants_k) is skip k and next master input.",
+    ),
+    fusion="concat",
+    fuse_into_master=True,
+)
+_fusion_builder(
+    _card(
+        "fuse_unet_sa", 9, "FuseUNet + SA", "paired", 32, 26_768_352, 26.8,
+        "FuseUNet + SA: every stream gated by its own SA map at each of the 5 encoder blocks.",
+    ),
+    fusion="concat",
+    fuse_into_master=True,
+    attention="per_stream",
+)
+_fusion_builder(
+    _card(
+        "master_assistant", 10, "Proposed", "paired", 32, 26_721_713, 26.7,
+        "Proposed (paper 1): FuseUNet whose master SA maps gate the master and every assistant stream.",
+    ),
+    fusion="concat",
+    fuse_into_master=True,
+    attention="master",
 )
 
 
-def _fusenet_builder(name: str, fusion: str) -> Callable[..., FuseNet]:
+def _fusenet_builder(card: ModelCard, fusion: str) -> Callable[..., FuseNet]:
+    name = card.name
+
     def build(num_modalities: int = 2, in_channels: int = 1, num_classes: int = 2, **options: Any) -> FuseNet:
         n = _check_modalities(name, num_modalities, False)
-        opts = _options(name, options, 64)
+        opts = _options(name, options, card.default_width)
         if "depth" in options and opts["depth"] != 5:
             raise ConfigError(f"model {name}: the VGG16 encoder has 5 stages; depth must be 5, got {opts['depth']}")
         return FuseNet(
@@ -237,19 +255,42 @@ def _fusenet_builder(name: str, fusion: str) -> Callable[..., FuseNet]:
             fusion=fusion,
             base_width=opts["base_width"],
             norm=opts["norm"],
+            spatial_dims=opts["spatial_dims"],
+            norm_sets=opts["norm_sets"],
         )
 
-    return build
+    return _named(card, build)
 
 
-_register(
-    "fusenet",
-    "FuseNet (Hazirbas et al.): two VGG16-BN encoders, assistant summed into the master after each stage, "
-    "SegNet decoder.",
-    _fusenet_builder("fusenet", "sum"),
+_NO_MATCH = "no faithful FuseNet gives the printed count; see fusenet.py"
+_fusenet_builder(
+    _card(
+        "fusenet", 3, "FuseNet", "paired", 64, 44_167_298, 29.4,
+        "FuseNet (Hazirbas et al.): two VGG16-BN encoders, assistant summed into the master after each stage, "
+        "SegNet decoder.",
+        family="fusenet",
+        note=_NO_MATCH,
+    ),
+    "sum",
 )
-_register(
-    "fusenet_concat",
-    "FuseNetConcate: FuseNet with channel concatenation instead of summation.",
-    _fusenet_builder("fusenet_concat", "concat"),
+_fusenet_builder(
+    _card(
+        "fusenet_concat", 4, "FuseNetConcate", "paired", 64, 50_434_178, 74.0,
+        "FuseNetConcate: FuseNet with channel concatenation instead of summation.",
+        family="fusenet",
+        note=_NO_MATCH,
+    ),
+    "concat",
 )
+
+_CARDS = model_cards(list_models(paper="paper1"))  # in Table 1 order
+
+#: The ten Table 1 models in the paper's row order.
+PAPER1_MODELS: tuple[str, ...] = tuple(c.name for c in _CARDS)
+#: Paper 1 Table 1's "Number of parameters" column, in millions (as printed), from the cards.
+PAPER1_TABLE1_PARAMS: dict[str, float] = {c.name: c.counts[0].printed_m for c in _CARDS}  # type: ignore[misc]
+#: Counts of our builds in millions (3 input channels per modality, 2 classes, BN, two modalities), from the
+#: cards. All U-Net-based rows match the paper to its printed precision; the FuseNet rows do not (fusenet.py).
+PAPER1_RECONSTRUCTED_PARAMS: dict[str, float] = {c.name: c.counts[0].reconstructed_m for c in _CARDS}
+#: Table 1 row label of each registered name, from the cards.
+PAPER1_TABLE1_ROWS: dict[str, str] = {c.name: c.table1_label for c in _CARDS}  # type: ignore[misc]

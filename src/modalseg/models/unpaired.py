@@ -12,8 +12,10 @@ csa        one backbone, shared kernels (paper 2)           per modality        
 =========  ===============================================  ==================  ====================
 
 Paper 2 fixes the architecture for all settings "so that different methods can be compared fairly". Each
-modality's (unpaired) batch goes through its own forward pass, selecting its BN set; intermediate feature maps
-for the affinity losses are captured by forward hooks registered once on the named layers.
+modality's (unpaired) batch goes through its own forward pass, selecting its BN set;
+``logits, features = model.forward_features(x, modality)`` returns the intermediate feature maps of the affinity
+losses from that same pass: the backbone's own ``forward_features`` computes them (no hooks), named by the
+paths of the modules that produce them (``group5``, ``master.blocks.3``, ...).
 """
 
 from __future__ import annotations
@@ -26,20 +28,20 @@ from torch import nn
 
 from modalseg.errors import ConfigError
 from modalseg.models.msbn import convert_to_msbn, set_modality
-from modalseg.models.registry import create_model
+from modalseg.models.registry import create_model, list_models, model_card
 
-__all__ = ["SETTINGS", "UnpairedSegmenter", "build_unpaired_model", "feature_pairs"]
+__all__ = ["DEFAULT_FEATURE_LAYERS", "SETTINGS", "UnpairedSegmenter", "build_unpaired_model", "feature_pairs"]
 
 SETTINGS = ("single", "joint", "msbn", "ummkd", "affinity", "csa")
 _MSBN_SETTINGS = frozenset({"msbn", "ummkd", "affinity", "csa"})
 _AUX_LOSS = {"ummkd": "kd", "affinity": "affinity", "csa": "csa"}
-# Paper 2: affinity layers are "intermediate" and "relatively close"; group5 and group6 of the dilated FCN are
-# consecutive groups at the same 1/8 resolution (256 channels each at width 16). For paper 1's U-Net the
-# closest intermediate pair at equal resolution is the last encoder block before the bottleneck and the first
-# decoder block (both 1/8 resolution, 8 x base_width channels).
+#: Default affinity layers per backbone, from the model cards (``ModelCard.affinity_layers``). Paper 2: the
+#: layers are "intermediate" and "relatively close"; group5 and group6 of the dilated FCN are consecutive groups
+#: at the same 1/8 resolution (256 channels each at width 16). For paper 1's U-Net the closest intermediate pair
+#: at equal resolution is the last encoder block before the bottleneck and the first decoder block (both 1/8
+#: resolution, 8 x base_width channels).
 DEFAULT_FEATURE_LAYERS: dict[str, tuple[str, ...]] = {
-    "dilated_fcn": ("group5", "group6"),
-    "unet": ("master.blocks.3", "decoder.ups.0"),
+    name: model_card(name).affinity_layers for name in list_models() if model_card(name).affinity_layers
 }
 
 
@@ -67,25 +69,6 @@ def feature_pairs(layers: Sequence[str]) -> list[tuple[str, str]]:
     return list(zip(names[:-1], names[1:], strict=True))
 
 
-class _TapState:
-    """Shared, deep-copyable store the feature hooks write into (no closures over the model)."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.features: dict[str, torch.Tensor] = {}
-
-
-class _FeatureTap:
-    """Forward hook recording one module's output under ``name`` while capture is on."""
-
-    def __init__(self, state: _TapState, name: str) -> None:
-        self.state, self.name = state, name
-
-    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        if self.state.active:
-            self.state.features[self.name] = output
-
-
 class UnpairedSegmenter(nn.Module):
     """A backbone wrapped for one of paper 2's six settings.
 
@@ -97,11 +80,12 @@ class UnpairedSegmenter(nn.Module):
         setting: one of :data:`SETTINGS`.
         num_classes: C, background included.
         in_channels: image channels per modality.
-        feature_layers: module names (as in ``named_modules()``) whose outputs ``forward(...,
-            return_features=True)`` returns; default ``("group5", "group6")`` for ``dilated_fcn`` and
-            ``("master.blocks.3", "decoder.ups.0")`` for ``unet``; must be given for other backbones (an empty
-            tuple disables the taps). The affinity losses use every consecutive pair (:func:`feature_pairs`),
-            so two or more distinct names (checked by the loss, so that checkpoints stay loadable).
+        feature_layers: names of the backbone's features (its ``feature_names``: module paths such as
+            ``group5`` or ``master.blocks.3``) that :meth:`forward_features` returns; default: the card's
+            ``affinity_layers`` (``("group5", "group6")`` for ``dilated_fcn``, ``("master.blocks.3",
+            "decoder.ups.0")`` for ``unet``); must be given for other backbones (an empty tuple: no features).
+            The affinity losses use every consecutive pair (:func:`feature_pairs`), so two or more distinct
+            names (checked by the loss, so that checkpoints stay loadable).
         **backbone_options: passed to the backbone builder (e.g. ``width``, ``dropout``, ``base_width``). The
             normalisation is decided by ``setting``: msbn-type settings build the backbone with ordinary BN
             and convert every ``nn.BatchNorm2d`` with :func:`convert_to_msbn`.
@@ -134,7 +118,7 @@ class UnpairedSegmenter(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         if feature_layers is None:
-            feature_layers = DEFAULT_FEATURE_LAYERS.get(backbone_name, ())
+            feature_layers = model_card(backbone_name).affinity_layers
         self.feature_layers = tuple(feature_layers)
         if self.needs_features and not self.feature_layers:
             raise ConfigError(
@@ -147,23 +131,20 @@ class UnpairedSegmenter(nn.Module):
             nets = [convert_to_msbn(net, len(modalities)) for net in nets]
         self.networks = nn.ModuleList(nets)
 
-        self._taps = _TapState()
-        for net in self.networks:
-            named = dict(net.named_modules())
-            missing = [name for name in self.feature_layers if name not in named]
-            if missing:
-                candidates = ", ".join(n for n, _ in net.named_children())
-                raise ConfigError(
-                    f"backbone {backbone_name!r} has no layer(s) {missing}; top-level layers: {candidates} "
-                    "(any name from named_modules() is accepted)"
-                )
-            for name in self.feature_layers:
-                named[name].register_forward_hook(_FeatureTap(self._taps, name))
+        net = self.networks[0]
+        if not callable(getattr(net, "forward_features", None)):
+            raise ConfigError(f"backbone {backbone_name!r} has no forward_features (it cannot give features)")
+        known = tuple(getattr(net, "feature_names", ()))
+        missing = [name for name in self.feature_layers if name not in known]
+        if missing:
+            raise ConfigError(
+                f"backbone {backbone_name!r} has no layer(s) {missing}; its feature layers: {', '.join(known)}"
+            )
 
     def _build_backbone(self, options: Mapping[str, Any]) -> nn.Module:
         opts = dict(options)
         if self.backbone_name == "dilated_fcn":
-            opts.update(norm="bn", num_modalities=1)
+            opts.update(norm="batch", num_modalities=1)
         elif self.backbone_name == "unet":
             opts.update(num_modalities=1)
         try:
@@ -232,24 +213,29 @@ class UnpairedSegmenter(nn.Module):
     def forward(
         self, x: torch.Tensor, modality: int | str, return_features: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits (B, C, H, W) for a batch of one modality; with ``return_features`` also the tapped maps.
+        """Logits (B, C, *spatial) for a batch of one modality.
 
         All images of ``x`` must be of ``modality`` (MSBN normalises the batch with that modality's moments).
+        ``return_features=True`` is the old spelling of :meth:`forward_features` (kept for its callers).
         """
+        if return_features:
+            return self.forward_features(x, modality)
+        return self.network(modality)(x)
+
+    def forward_features(
+        self, x: torch.Tensor, modality: int | str | None = None, *, layers: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the affinity features (:attr:`feature_layers`, or ``layers``) of one forward pass.
+
+        ``modality`` (index or name) selects the network and BN set; it may be left out only when there is a
+        single modality. The features keep their gradients (the affinity losses train through them).
+        """
+        if modality is None:
+            if len(self.modalities) != 1:
+                raise ConfigError(f"forward_features needs a modality (one of {', '.join(self.modalities)})")
+            modality = 0
         net = self.network(modality)
-        if not return_features:
-            return net(x)
-        self._taps.features = {}
-        self._taps.active = True
-        try:
-            logits = net(x)
-        finally:
-            self._taps.active = False
-            features, self._taps.features = self._taps.features, {}
-        missing = [n for n in self.feature_layers if n not in features]
-        if missing:
-            raise RuntimeError(f"feature layer(s) {missing} were not executed in the forward pass")
-        return logits, {n: features[n] for n in self.feature_layers}
+        return net.forward_features(x, layers=self.feature_layers if layers is None else tuple(layers))
 
     def extra_repr(self) -> str:
         return (

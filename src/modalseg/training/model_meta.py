@@ -13,13 +13,14 @@ from torch import nn
 
 from modalseg.data.types import DatasetSpec
 from modalseg.errors import ConfigError
-from modalseg.models import create_model
+from modalseg.models import create_model, list_models
 from modalseg.models.unpaired import UnpairedSegmenter
 
 __all__ = ["SINGLE_MODALITY_MODELS", "ModelMeta", "build_network", "paired_channels"]
 
-#: Models that see one modality (paper 1: U-Net and U-Net + SA are trained on T1C only).
-SINGLE_MODALITY_MODELS = frozenset({"unet", "unet_sa"})
+#: Models that see one modality (paper 1: U-Net and U-Net + SA are trained on T1C only): the registered models
+#: whose card says ``inputs="single"``.
+SINGLE_MODALITY_MODELS = frozenset(list_models(inputs="single"))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from modalseg.errors import ConfigError
 from modalseg.losses.affinity import CSA_READINGS, affinity_loss, check_pairable, class_affinity, csa_loss
 from modalseg.losses.dice_ce import DiceCELoss
 from modalseg.losses.kd import KD_ABSENT, ummkd_dice_loss, ummkd_kd_loss
-from modalseg.models.msbn import ModalitySpecificBatchNorm2d
+from modalseg.models.msbn import ModalitySpecificBatchNorm
 from modalseg.models.unpaired import UnpairedSegmenter
 from modalseg.training.model_meta import (  # noqa: F401  (re-exported: the public names of this module)
     SINGLE_MODALITY_MODELS,
@@ -187,7 +187,7 @@ class UnpairedLoss(nn.Module):
 
     def _shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters outside every (modality-specific) BN layer: the kernels all modalities share."""
-        norm_types = (nn.modules.batchnorm._NormBase, ModalitySpecificBatchNorm2d)
+        norm_types = (nn.modules.batchnorm._NormBase, ModalitySpecificBatchNorm)
         skip = {id(p) for m in self.network.modules() if isinstance(m, norm_types) for p in m.parameters()}
         return [p for p in self.network.parameters() if p.requires_grad and id(p) not in skip]
 
@@ -214,7 +214,7 @@ class UnpairedLoss(nn.Module):
         logits_all, onehots, features = [], [], []
         for k, (x, y) in enumerate(zip(xs, ys, strict=True)):
             if need_features:
-                logits, feats = self.network(x, modality=k, return_features=True)
+                logits, feats = self.network.forward_features(x, modality=k)
                 features.append({name: f.float() for name, f in feats.items()})
             else:
                 logits = self.network(x, modality=k)
@@ -236,7 +236,8 @@ class UnpairedLoss(nn.Module):
                     parts["aux_grad_ratio"] = self.gradient_ratio(weighted, seg_total)
                 self.aux_forwards += 1
         if self.conv_l2 > 0:
-            l2 = sum((m.weight.float() ** 2).sum() for m in self.network.modules() if isinstance(m, nn.Conv2d))
+            convs = [m for m in self.network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+            l2 = sum((m.weight.float() ** 2).sum() for m in convs)
             loss = loss + self.conv_l2 * 0.5 * l2
         parts["loss"] = float(loss.detach())
         return loss, parts
