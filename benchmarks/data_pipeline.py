@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"median of {args.steps} after {args.warmup} warm-up")
         rows = []
         for mode in modes:
-            evicted = evict(cache.path / "images.npy") & evict(cache.path / "labels.npy")
+            evicted = all([evict(path) for path in cache.array_files()])
             cold = time_batches(cache, batches, channel_index, mode)
             warm = time_batches(cache, batches, channel_index, mode)
             spec = common.build_model("master_assistant", width=args.width)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import modalseg.data.io as mio
-from modalseg.data.cache import SliceCache, _read_case, build_slice_cache, cache_fingerprint
+from modalseg.data.cache import SliceArray, SliceCache, _read_case, build_slice_cache, cache_fingerprint
 from modalseg.data.preprocess import PreprocessConfig, preprocess_volume
 from modalseg.data.types import CaseFiles, DatasetSpec
 from modalseg.errors import DataError
@@ -76,7 +76,10 @@ def test_build_contents_match_direct_preprocessing(spec, tmp_path):
     assert len(cache) == 3 * SHAPE[2]
     assert cache.images.shape == (15, 2, 8, 8) and cache.images.dtype == np.float32
     assert cache.labels.shape == (15, 8, 8) and cache.labels.dtype == np.uint8
-    assert isinstance(cache.images, np.memmap)
+    # format 4: the slice arrays are views over memory-mapped per-case volumes (C, D, H, W) / (D, H, W)
+    assert isinstance(cache.images, SliceArray) and isinstance(cache.labels, SliceArray)
+    assert all(isinstance(a, np.memmap) for k in range(cache.num_cases) for a in cache.volume(k))
+    assert [c.shape for c in cache.cases] == [(2, 5, 8, 8)] * 3
     assert set(np.unique(cache.labels)) == {0, 1, 2}  # 500 -> 1 (lv), 200 -> 2 (myo)
     assert cache.case_ids == ["case0", "case1", "case2"]
     assert cache.patients == {"p0": ["case0", "case1"], "p1": ["case2"]}
@@ -235,6 +238,6 @@ def test_pickle_reopens_memmap(spec, tmp_path):
     blob = pickle.dumps(cache)
     assert len(blob) < 20_000  # the arrays are not copied into the pickle
     again = pickle.loads(blob)
-    assert isinstance(again.images, np.memmap)
+    assert isinstance(again.volume(0)[0], np.memmap)
     np.testing.assert_array_equal(again.get_batch([3])[0].numpy(), cache.images[[3]])
     assert SliceCache(cache.path).fingerprint == cache.fingerprint

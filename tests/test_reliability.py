@@ -384,10 +384,11 @@ def test_uint16_and_int8_voxels_are_read_exactly_and_train(tmp_path, capsys):
     assert code == 0 and err == [] and "label values found: 0, 500" in out
     code, out, err = run_cli(capsys, train_args(ds, tmp_path / "run", "--set", "max_steps=1"))
     assert code == 0, err
-    cache = next((tmp_path / ".modalseg_cache" / ds.name).glob("*/index.json")).parent
-    labels = np.load(cache / "labels.npy")
-    assert set(np.unique(labels)) == {0, 1}  # file value 500 -> class index 1
-    assert np.isfinite(np.load(cache / "images.npy")).all()
+    from modalseg.data.cache import SliceCache
+
+    cache = SliceCache(next((tmp_path / ".modalseg_cache" / ds.name).glob("*/index.json")).parent)
+    assert set(np.unique(np.asarray(cache.labels))) == {0, 1}  # file value 500 -> class index 1
+    assert np.isfinite(np.asarray(cache.images)).all()
 
 
 def test_extremely_anisotropic_spacing_warns_in_verify_and_trains(tmp_path, capsys):

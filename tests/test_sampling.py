@@ -75,6 +75,21 @@ def test_ddp_shares_concatenate_to_single_process_batches(world_size, drop_last)
     np.testing.assert_array_equal(_all(ranks[1], 1, 2)[0], shares[1][2])
 
 
+def test_batch_at_step_is_batch_of_epoch():
+    fg = (INDICES % 3 == 0)
+    s = EpochBatchSampler(INDICES, 4, seed=2, rank=1, world_size=2, drop_last=True, foreground=fg,
+                          foreground_fraction=0.5)
+    n = s.num_batches(0)
+    assert n == 4
+    for epoch in (0, 2):
+        for b, batch in enumerate(_all(s, epoch)):
+            np.testing.assert_array_equal(s.batch_at(epoch * n + b), batch)
+    with pytest.raises(ValueError, match="step"):
+        s.batch_at(-1)
+    with pytest.raises(ValueError, match="no batches"):
+        EpochBatchSampler(INDICES, 40, drop_last=True).batch_at(0)
+
+
 def test_short_last_batch_smaller_than_world_size_is_dropped():
     idx = np.arange(9)  # 9 = 2*4 + 1: the last global batch has 1 item for 4 ranks
     ranks = [EpochBatchSampler(idx, 2, rank=r, world_size=4) for r in range(4)]

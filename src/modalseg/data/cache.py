@@ -1,28 +1,26 @@
-"""Memory-mapped cache of preprocessed 2D slices, so training epochs never re-read NIfTI files.
+"""The training cache: preprocessed cases stored as memory-mapped volumes, read as 2D slices or N-d patches.
 
 Layout: ``cache_dir`` is a root that holds one folder per fingerprint (``cache_dir/<fingerprint[:16]>/``), so
-caches of different configurations or case subsets (e.g. cross-validation folds) live side by side::
+caches of different configurations or case subsets (e.g. cross-validation folds) live side by side. Each folder is
+a per-case volume store (:mod:`modalseg.data.volume_cache`: ``cases/<n>_image.npy`` (C, D, H, W) float32,
+``cases/<n>_label.npy`` (D, H, W) uint8 class indices after ``spec.label_lut()``, sampled foreground voxels, and
+``index.json`` with one entry per case and one record per cached slice). :class:`SliceCache` is the 2D *view* of
+it that training uses today: global slice ``i`` is depth ``d`` of case ``k`` (cases in build order, slices in
+``z`` order), ``images`` / ``labels`` read like the former ``(N, M, H, W)`` / ``(N, H, W)`` arrays and
+``get_batch`` gives the very same tensors; ``get_patches`` (inherited) reads depth-1 or deeper patches.
 
-    images.npy   (N, M, H, W) float32   M = modality channels (paired) or 1 (unpaired)
-    labels.npy   (N, H, W)    uint8     class indices (spec.label_lut() applied)
-    index.json   format version, fingerprint, spec name, preprocessing config, class names, modalities and
-                 one record per slice: case_id, patient_id, modality, z, spacing (processed pixel size, mm),
-                 slice_thickness (voxel size along the slice axis, mm), geometry (SliceGeometry.to_dict()),
-                 foreground (whether the original slice had any)
-
-The fingerprint hashes the preprocessing config, the dataset's labels/modalities and, for every file, its
-resolved path, size and ``mtime_ns``: editing or replacing a file gives a new cache; an existing cache with
-the same fingerprint is opened without reading any image.
+The fingerprint hashes the cache format, the preprocessing config, the dataset's labels/modalities and, for every
+file, its resolved path, size and ``mtime_ns``: editing or replacing a file gives a new cache; an existing cache
+with the same fingerprint is opened without reading any image.
 
 Atomicity: a cache is built in a temporary folder beside its final folder and renamed into place only when
-complete (``index.json`` is written last). An exception or Ctrl-C removes the temporary folder; a killed
-process leaves a ``.tmp-*`` folder that is never read as a cache and is removed by the next build on the same
-host. Two processes building the same cache at once (DDP ranks) both succeed; the first rename wins. The
+complete (every array fsynced, ``index.json`` written last). An exception or Ctrl-C removes the temporary folder;
+a killed process leaves a ``.tmp-*`` folder that is never read as a cache and is removed by the next build on the
+same host. Two processes building the same cache at once (DDP ranks) both succeed; the first rename wins. The
 engine should build on rank 0 and open it elsewhere after a barrier to avoid duplicated work.
 
-Memory: each case is read once (all its image files and its label), processed, and written to a per-case
-chunk; the final arrays are then assembled with :func:`numpy.lib.format.open_memmap` chunk by chunk, so RAM
-holds at most one case (the disk briefly holds the data twice).
+Memory: each case is read once (all its image files and its label), processed, and written to its own files, so
+RAM holds at most one case and the disk holds the data once.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +42,21 @@ import numpy as np
 import torch
 
 from modalseg.data import io as mio
-from modalseg.data.geometry import ORIGIN_TOL_VOXELS, geometry_problems, onto_grid, to_canonical
+from modalseg.data.geometry import ORIGIN_TOL_VOXELS, geometry_problems
+from modalseg.data.patches import PatchRef
 from modalseg.data.preprocess import PreprocessConfig, SliceGeometry, preprocess_volume
+from modalseg.data.transforms import OntoGrid, Sample, ToCanonical
 from modalseg.data.types import CaseFiles, DatasetSpec
 from modalseg.data.verify import intensity_problems
+from modalseg.data.volume_cache import CACHE_FORMAT, INDEX, VolumeCache, write_case
 from modalseg.errors import ConfigError, DataError, OutputError
 from modalseg.utils.atomic import atomic_write_text, folder_mode
 
 log = logging.getLogger(__name__)
 
-# 2: label/image origins and degenerate grids are checked while building (caches of format 1 were not).
-# 3: every volume is brought to the canonical (closest to RAS) voxel order and assistants/labels onto the master's
-#    grid before slicing (format 2 sliced in each file's stored order).
-CACHE_FORMAT = 3
-_IMAGES, _LABELS, _INDEX = "images.npy", "labels.npy", "index.json"
+__all__ = ["CACHE_FORMAT", "SliceArray", "SliceCache", "build_slice_cache", "cache_fingerprint", "file_identity",
+           "map_labels"]
+_INDEX = INDEX
 
 
 # ------------------------------------------------------------------------------------------------ fingerprint
@@ -126,74 +125,146 @@ def map_labels(array: np.ndarray, lut: dict[int, int], path: Path | str | None =
 
 
 # ------------------------------------------------------------------------------------------------ cache
-class SliceCache:
-    """A built slice cache, opened read-only and memory-mapped.
+class SliceArray:
+    """The read-only ``(N, ...)`` array of all cached slices (images ``(N, M, H, W)`` float32 or labels
+    ``(N, H, W)`` uint8) over the per-case volumes: row ``i`` is depth ``d`` of case ``k``.
 
-    ``images`` (N,M,H,W) float32 and ``labels`` (N,H,W) uint8 are ``np.memmap`` views; ``records[i]``
-    describes slice ``i``. Picklable (DataLoader workers reopen the memory maps instead of copying them).
+    Indexing (an int, a slice, an integer or boolean array, optionally followed by more indices) returns the same
+    ``numpy.ndarray`` the former single memory-mapped array gave; the volumes are read once per request, case by
+    case with sorted depths (sequential access)."""
+
+    def __init__(self, cache: SliceCache, which: str) -> None:
+        self._cache, self._which = cache, which
+        first = cache.cases[0].shape
+        item = first[:1] + first[2:] if which == "image" else first[2:]
+        self.shape: tuple[int, ...] = (len(cache.records), *item)
+        self.dtype = np.dtype(np.float32 if which == "image" else np.uint8)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"SliceArray({self._which}, shape={self.shape}, dtype={self.dtype})"
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for start in range(0, len(self), 256):
+            yield from self._take(np.arange(start, min(start + 256, len(self)), dtype=np.int64))
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = self._take(np.arange(len(self), dtype=np.int64))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (sorted, unique, in range) as one new array."""
+        cache = self._cache
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if not len(rows):
+            return out
+        cases, depths = cache._slice_case[rows], cache._slice_depth[rows]
+        bounds = [0, *(np.flatnonzero(np.diff(cases)) + 1).tolist(), len(rows)]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            image, label = cache.volume(int(cases[a]))
+            d = depths[a:b]
+            sel: Any = slice(int(d[0]), int(d[-1]) + 1) if int(d[-1]) - int(d[0]) + 1 == b - a else d
+            if self._which == "image":
+                out[a:b] = np.moveaxis(image[:, sel], 1, 0)
+            else:
+                out[a:b] = label[sel]
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        n = len(self)
+        if first is Ellipsis or first is None:
+            return np.asarray(self)[key]
+        if isinstance(first, (int, np.integer)):
+            i = int(first)
+            if not -n <= i < n:
+                raise IndexError(f"slice index {i} out of range [0, {n})")
+            return self._take(np.array([i % n], dtype=np.int64))[(0, *rest)]
+        if isinstance(first, slice):
+            rows = np.arange(n, dtype=np.int64)[first]
+        else:
+            arr = np.asarray(first)
+            if arr.dtype == bool:
+                if arr.shape != (n,):
+                    raise IndexError(f"boolean index of shape {arr.shape} for {n} slices")
+                rows = np.flatnonzero(arr)
+            elif arr.dtype.kind in "iu":
+                rows = arr.astype(np.int64)
+            else:
+                raise IndexError(f"slice indices must be integers or booleans, not {arr.dtype}")
+        flat = rows.reshape(-1)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            raise IndexError(f"slice index out of range [0, {n})")
+        flat = np.where(flat < 0, flat + n, flat)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        block = self._take(uniq)
+        if rows.ndim == 1 and np.array_equal(uniq, flat):
+            return block[(slice(None), *rest)] if rest else block
+        return block[(inverse.reshape(rows.shape), *rest)]
+
+
+class SliceCache(VolumeCache):
+    """A built cache opened read-only, seen as 2D slices (the API training, evaluation and experiments use).
+
+    ``images`` ``(N, M, H, W)`` float32 and ``labels`` ``(N, H, W)`` uint8 are :class:`SliceArray` views over the
+    memory-mapped per-case volumes; ``records[i]`` describes slice ``i``. Everything of :class:`VolumeCache`
+    (``cases``, ``volume``, ``get_patches``) is available too. Picklable (DataLoader workers reopen the memory maps
+    instead of copying them). The slice view needs every case to have the same ``(M, H, W)``.
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        index_path = self.path / _INDEX
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError("slice cache index not found", index_path) from None
-        except (OSError, ValueError) as exc:
-            raise DataError(f"unreadable slice cache index ({exc})", index_path) from None
-        if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
-            raise DataError(f"unsupported slice cache format (expected {CACHE_FORMAT})", index_path)
-        self.fingerprint: str = index["fingerprint"]
-        self.spec_name: str = index["spec_name"]
-        self.config = PreprocessConfig.from_dict(index["config"])
-        self.modalities: list[str] = list(index["modalities"])
-        self.class_names: list[str] = list(index["class_names"])
-        self.paired: bool = bool(index["paired"])
-        self.records: list[dict[str, Any]] = index["records"]
-        self._open()
+        super().__init__(path)
+        n = len(self.records)
+        if not self.cases or sum(c.depth for c in self.cases) != n:
+            raise DataError(f"slice cache cases do not cover its {n} slice records", self.path)
+        shapes = {c.shape[:1] + c.shape[2:] for c in self.cases}
+        if len(shapes) != 1:
+            raise DataError(f"slice cache volumes have different slice shapes {sorted(shapes)}; the 2D view needs one",
+                            self.path)
+        self._slice_case = np.repeat(np.arange(len(self.cases), dtype=np.int64), [c.depth for c in self.cases])
+        self._slice_depth = np.concatenate([np.arange(c.depth, dtype=np.int64) for c in self.cases])
+        if any(c.first != int(np.searchsorted(self._slice_case, k)) for k, c in enumerate(self.cases)):
+            raise DataError("slice cache case entries are not in slice order", self.path)
         cases = [r["case_id"] for r in self.records]
-        self.case_ids: list[str] = list(dict.fromkeys(cases))
         case_pos = {c: i for i, c in enumerate(self.case_ids)}
         self._case_index = np.array([case_pos[c] for c in cases], dtype=np.int64)
         self._modality = np.array([r["modality"] or "" for r in self.records], dtype=object)
-        self.patients: dict[str, list[str]] = {}
-        for r in self.records:
-            ids = self.patients.setdefault(r["patient_id"], [])
-            if r["case_id"] not in ids:
-                ids.append(r["case_id"])
+        self._views()
 
-    def _open(self) -> None:
-        try:
-            self.images = np.load(self.path / _IMAGES, mmap_mode="r")
-            self.labels = np.load(self.path / _LABELS, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise DataError(f"unreadable slice cache arrays ({exc})", self.path) from None
-        n = len(self.records)
-        if (
-            self.images.ndim != 4
-            or self.labels.ndim != 3
-            or self.images.shape[0] != n
-            or self.labels.shape != (n,) + self.images.shape[2:]
-        ):
-            shapes = f"{self.images.shape}/{self.labels.shape}"
-            raise DataError(f"slice cache arrays {shapes} do not match {n} records", self.path)
+    def _views(self) -> None:
+        self.images = SliceArray(self, "image")
+        self.labels = SliceArray(self, "label")
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state.pop("images", None)
         state.pop("labels", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._open()
+        super().__setstate__(state)
+        self._views()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __repr__(self) -> str:
-        return f"SliceCache({str(self.path)!r}, slices={len(self)}, shape={tuple(self.images.shape[1:])})"
+        return (f"SliceCache({str(self.path)!r}, slices={len(self)}, cases={self.num_cases}, "
+                f"shape={tuple(self.images.shape[1:])})")
 
     def indices_for(self, case_ids: Sequence[str] | None = None, modality: str | None = None) -> np.ndarray:
         """Sorted slice indices of the given cases and/or modality (all slices when both are ``None``).
@@ -213,7 +284,7 @@ class SliceCache:
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images (B,M,H,W) float32, labels (B,H,W) int64)`` in the order of ``indices``.
 
-        The memory map is read once with sorted unique indices (sequential access); the rows are then put back
+        The volumes are read once with sorted unique indices (sequential access); the rows are then put back
         in the requested order in RAM (only when the request was not already sorted and unique).
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -222,13 +293,29 @@ class SliceCache:
         if idx.min() < 0 or idx.max() >= len(self):
             raise IndexError(f"slice index out of range [0, {len(self)})")
         uniq, inverse = np.unique(idx, return_inverse=True)
-        images = np.asarray(self.images[uniq])
-        labels = np.asarray(self.labels[uniq])
+        images = self.images._take(uniq)
+        labels = self.labels._take(uniq)
         if uniq.size != idx.size or not np.array_equal(uniq, idx):
             inverse = inverse.reshape(-1)
             images = images[inverse]
             labels = labels[inverse]
         return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+    def slice_position(self, index: int) -> tuple[int, int]:
+        """``(case position, depth)`` of global slice ``index``."""
+        if not 0 <= int(index) < len(self):
+            raise IndexError(f"slice index {index} out of range [0, {len(self)})")
+        return int(self._slice_case[index]), int(self._slice_depth[index])
+
+    def slice_refs(self, indices: Sequence[int] | np.ndarray) -> list[PatchRef]:
+        """Global slice indices as depth-1 whole-slice patches: ``get_patches`` of them, squeezed, is
+        ``get_batch(indices)``."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"slice index out of range [0, {len(self)})")
+        size = (1, int(self.images.shape[-2]), int(self.images.shape[-1]))
+        return [PatchRef(int(k), (int(d), 0, 0), size)  # type: ignore[arg-type]
+                for k, d in zip(self._slice_case[idx], self._slice_depth[idx], strict=True)]
 
     def spacing(self, index: int) -> tuple[float, float]:
         """Processed in-plane pixel size (mm) of slice ``index`` (for Hausdorff distances in mm)."""
@@ -342,20 +429,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
 def _read_case(
     spec: DatasetSpec, case: CaseFiles, lut: dict[int, int], *, strict: bool = False, notes: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], list[int]]:
     """Read one case: (M,X,Y,Z) float32 images, (X,Y,Z) class indices, spacing, normalisation channels.
 
-    Arrays and spacing are in the canonical voxel order (closest to RAS, :func:`modalseg.data.geometry.to_canonical`),
-    so ``slice_axis`` is the same anatomical axis for every file. Assistant modalities and the label are put on the
-    master (first) image's grid first (:func:`modalseg.data.geometry.onto_grid`); each such case adds one line to
-    ``notes`` (printed when ``notes`` is None). ``strict`` refuses any grid difference instead, as before.
+    Arrays and spacing are in the canonical voxel order (closest to RAS, the ``ToCanonical`` transform), so
+    ``slice_axis`` is the same anatomical axis for every file. Assistant modalities and the label are put on the
+    master (first) image's grid first (the ``OntoGrid`` transform, :func:`modalseg.data.geometry.onto_grid`); each
+    such case adds one line to ``notes`` (printed when ``notes`` is None). ``strict`` refuses any grid difference
+    instead, as before.
     """
     if case.label is None:
         raise DataError(
@@ -394,7 +477,7 @@ def _read_case(
         if problems:
             raise DataError(problems[0])
         if i and not strict:
-            vol, note = onto_grid(vol, ref, name=names[i], ref_name=names[0], case=case.case_id)
+            vol, note, _ = OntoGrid(ref, name=names[i], ref_name=names[0], case=case.case_id).apply(vol)
             if note:
                 messages.append(note)
         arrays.append(np.asarray(vol.array, dtype=np.float32))
@@ -411,18 +494,18 @@ def _read_case(
         # Same grid: the origin must match (else the label is off its image); another grid is resampled
         # (nearest) with background outside, e.g. a 3D Slicer .seg.nrrd cropped to its bounding box.
         background = next(iter(spec.labels.values()), 0)
-        lab, note = onto_grid(lab, ref, name="label", ref_name="image", grid_name="the image's", kind="label",
-                              case=case.case_id, fill=background, origin_tol_voxels=ORIGIN_TOL_VOXELS)
+        lab, note, _ = OntoGrid(ref, name="label", ref_name="image", grid_name="the image's", kind="label",
+                                case=case.case_id, fill=background, origin_tol_voxels=ORIGIN_TOL_VOXELS).apply(lab)
         if note:
             messages.append(note)
     labels = map_labels(lab.array, lut, case.label)
-    canonical, reo = to_canonical(ref)
+    canonical = ToCanonical()(Sample(np.stack(arrays), labels, affine=ref.affine, path=ref.path))
     for note in messages:
         if notes is None:
             print(note, flush=True)
         else:
             notes.append(note)
-    return reo.apply(np.stack(arrays)), reo.apply(labels), canonical.spacing, channels
+    return canonical.image, canonical.label, canonical.spacing, channels  # type: ignore[return-value]
 
 
 def _build_into(
@@ -434,16 +517,17 @@ def _build_into(
     progress: bool,
     strict: bool = False,
 ) -> None:
+    """Preprocess every case into its own volume files in ``tmp`` (fsynced), then write ``index.json`` last."""
     lut = spec.label_lut()
     records: list[dict[str, Any]] = []
-    chunks: list[tuple[Path, Path, int]] = []
+    entries: list[dict[str, Any]] = []
     shape: tuple[int, int, int] | None = None  # (M, H, W)
     iterator: Any = cases
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(cases, desc=f"caching {spec.name}", unit="case")
-    for n, case in enumerate(iterator):
+    for case in iterator:
         notes: list[str] = []
         images, labels, spacing, channels = _read_case(spec, case, lut, strict=strict, notes=notes)
         for note in notes:  # resampling/reorientation lines, printed above the progress bar
@@ -469,10 +553,21 @@ def _build_into(
                 f"{shape[1:]} with {shape[0]}; set preprocess.target_size or a crop so all slices match",
                 case.images[0],
             )
-        img_chunk, lab_chunk = tmp / f"chunk{n:06d}_img.npy", tmp / f"chunk{n:06d}_lab.npy"
-        np.save(img_chunk, np.stack([s.image for s in slices]).astype(np.float32, copy=False))
-        np.save(lab_chunk, np.stack([s.label for s in slices]).astype(np.uint8))  # type: ignore[misc]
-        chunks.append((img_chunk, lab_chunk, len(slices)))
+        volume = np.stack([s.image for s in slices], axis=1).astype(np.float32, copy=False)  # (M, D, H, W)
+        label_volume = np.stack([s.label for s in slices]).astype(np.uint8)  # type: ignore[misc]
+        files = write_case(tmp, len(entries), case.case_id, volume, label_volume)
+        thickness = float(spacing[cfg.slice_axis])
+        entries.append({
+            "case_id": case.case_id,
+            "patient_id": case.patient_id,
+            "modality": case.modality,
+            "files": files,
+            "shape": list(volume.shape),
+            "spacing": [thickness, *(float(v) for v in slices[0].spacing)],
+            "first": len(records),
+            "contiguous": all(b.z == a.z + 1 for a, b in zip(slices, slices[1:], strict=False)),
+        })
+        del volume, label_volume
         for s in slices:
             records.append(
                 {
@@ -481,28 +576,14 @@ def _build_into(
                     "modality": case.modality,
                     "z": int(s.z),
                     "spacing": [float(v) for v in s.spacing],
-                    "slice_thickness": float(spacing[cfg.slice_axis]),
+                    "slice_thickness": thickness,
                     "geometry": s.geometry.to_dict(),
                     "foreground": bool(s.has_foreground),
                 }
             )
     if shape is None:
         raise DataError(f"no slices to cache in dataset {spec.name!r} (all cases empty)", spec.root)
-    total = len(records)
-    out_img = np.lib.format.open_memmap(tmp / _IMAGES, mode="w+", dtype=np.float32, shape=(total, *shape))
-    out_lab = np.lib.format.open_memmap(tmp / _LABELS, mode="w+", dtype=np.uint8, shape=(total, *shape[1:]))
-    pos = 0
-    for img_chunk, lab_chunk, count in chunks:
-        out_img[pos : pos + count] = np.load(img_chunk, mmap_mode="r")
-        out_lab[pos : pos + count] = np.load(lab_chunk, mmap_mode="r")
-        pos += count
-        img_chunk.unlink()
-        lab_chunk.unlink()
-    out_img.flush()
-    out_lab.flush()
-    del out_img, out_lab
-    _fsync_file(tmp / _IMAGES)
-    _fsync_file(tmp / _LABELS)
+    _fsync_dir(tmp / "cases")
     index = {
         "format": CACHE_FORMAT,
         "fingerprint": fingerprint,
@@ -511,7 +592,8 @@ def _build_into(
         "modalities": list(spec.modalities),
         "class_names": spec.class_names,
         "config": cfg.to_dict(),
-        "shape": [total, *shape],
+        "shape": [len(records), *shape],
+        "cases": entries,
         "records": records,
     }
     atomic_write_text(tmp / _INDEX, json.dumps(index))

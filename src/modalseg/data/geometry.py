@@ -213,14 +213,22 @@ def to_canonical(volume: Volume) -> tuple[Volume, Reorientation]:
     ``spacing`` follows the permutation. Its ``meta`` is empty: write outputs with the *input* Volume after
     :meth:`Reorientation.invert`. A volume already in canonical order is returned as it is.
     """
-    from nibabel.orientations import inv_ornt_aff
-
     reo = reorientation_of(volume)
     if reo.is_identity:
         return volume, reo
-    ornt = np.column_stack([np.asarray(reo.perm, dtype=float), np.where(reo.flips, -1.0, 1.0)])
-    affine = np.asarray(volume.affine, dtype=np.float64) @ inv_ornt_aff(ornt, volume.shape)
+    affine = canonical_affine(volume.affine, reo)
     return Volume(array=reo.apply(volume.array), affine=affine, path=volume.path, meta={}), reo
+
+
+def canonical_affine(affine: np.ndarray, reo: Reorientation) -> np.ndarray:
+    """The affine of the array ``reo.apply`` gives (same world point per voxel): what :func:`to_canonical` attaches,
+    for callers that reorient arrays without building a Volume (the ``ToCanonical`` transform)."""
+    from nibabel.orientations import inv_ornt_aff
+
+    if reo.is_identity:
+        return np.asarray(affine, dtype=np.float64)
+    ornt = np.column_stack([np.asarray(reo.perm, dtype=float), np.where(reo.flips, -1.0, 1.0)])
+    return np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, reo.file_shape)
 
 
 # ------------------------------------------------------------------------------------------------ resampling
@@ -352,6 +360,29 @@ def onto_grid(
     of ``ref`` raises :class:`DataError` (one line naming ``vol``'s file). ``grid_name`` names ``ref``'s grid in
     the line (default ``"<ref_name>'s"``).
     """
+    out, note, _ = onto_grid_how(vol, ref, name=name, ref_name=ref_name, kind=kind, strict=strict, case=case,
+                                 fill=fill, origin_tol_voxels=origin_tol_voxels, grid_name=grid_name,
+                                 spacing_tol=spacing_tol, direction_tol=direction_tol)
+    return out, note
+
+
+def onto_grid_how(
+    vol: Volume,
+    ref: Volume,
+    *,
+    name: str,
+    ref_name: str,
+    kind: str = "image",
+    strict: bool = False,
+    case: str | None = None,
+    fill: float | None = None,
+    origin_tol_voxels: float | None = None,
+    grid_name: str | None = None,
+    spacing_tol: float = 1e-3,
+    direction_tol: float = 1e-3,
+) -> tuple[Volume, str | None, str]:
+    """:func:`onto_grid` plus how it mapped (``"same"``, ``"reoriented"`` or ``"resampled"``), which the
+    ``OntoGrid`` transform records to map a result on ``ref``'s grid back onto ``vol``'s."""
     problems = geometry_problems(vol, ref, name, ref_name, spacing_tol=spacing_tol, direction_tol=direction_tol)
     if not problems or strict:
         if origin_tol_voxels is not None:
@@ -359,21 +390,23 @@ def onto_grid(
             problems = problems + [off] if off else problems
         if problems:
             raise DataError(problems[0])
-        return vol, None
+        return vol, None, "same"
     prefix = f"case {case}: " if case else ""
     grid = grid_name or f"{ref_name}'s"
     ref_reo = same_grid_in_other_order(vol, ref, spacing_tol=spacing_tol, direction_tol=direction_tol)
     if ref_reo is not None:
         array = ref_reo.invert(to_canonical(vol)[0].array)
+        how = "reoriented"
         note = (f"{prefix}{name} reoriented onto {grid} grid (voxel order {axcodes(vol.affine)} -> "
                 f"{axcodes(ref.affine)}, no interpolation)")
     else:
         array, coverage = resample_onto(vol, ref, kind=kind, fill=fill)
         if coverage == 0.0:
             raise DataError(no_overlap_message(name, grid, ref), vol.path)
-        how = "nearest neighbour" if kind == "label" else "linear"
-        note = f"{prefix}{name} resampled ({how}) onto {grid} grid ({describe_grids(vol, ref)})"
+        how = "resampled"
+        interp = "nearest neighbour" if kind == "label" else "linear"
+        note = f"{prefix}{name} resampled ({interp}) onto {grid} grid ({describe_grids(vol, ref)})"
         if coverage < 1.0:
             filled = float(fill) if fill is not None else (float(np.min(vol.array)) if kind == "image" else 0.0)
             note += f"; it covers {100 * coverage:.3g}% of {grid} field of view, the rest is {filled:g}"
-    return Volume(array=array, affine=np.array(ref.affine, dtype=np.float64), path=vol.path, meta={}), note
+    return Volume(array=array, affine=np.array(ref.affine, dtype=np.float64), path=vol.path, meta={}), note, how

@@ -13,6 +13,10 @@ Pipeline of one slice (fixed order, the same at training and prediction time)::
 
     original slice (M,h,w) --normalise--> --crop (box, zero padding)--> --resize--> (M,H,W)
 
+:func:`preprocess_volume` and :func:`restore_volume` are compositions of the invertible transforms of
+:mod:`modalseg.data.transforms` (``Normalise``, ``ToSliceMajor``, ``SelectSlices``, ``CropPad``, ``Resize``), which
+call the per-slice primitives below in this order, so their outputs are the bytes the per-slice code gave.
+
 Decisions (documented here once, relied upon everywhere):
 
 * **Normalisation comes first** and its statistics are taken over the *whole original* slice (``*_slice``)
@@ -45,9 +49,40 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from modalseg.data.transforms import (  # noqa: F401  (the per-slice primitives, re-exported where they were)
+    _EPS,
+    ROBUST_PERCENTILES,
+    Box,
+    Compose,
+    CropPad,
+    InvertibleTransform,
+    Normalise,
+    Resize,
+    Sample,
+    SelectSlices,
+    SliceGeometry,
+    ToCanonical,
+    ToSliceMajor,
+    _apply_normalisation,
+    _normalisation_stats,
+    _normalise,
+    _pair,
+    _paste,
+    _place,
+    _resize,
+    _robust_stats,
+    _stats,
+    bbox_for_volume,
+    center_box,
+    crop_slice,
+    find_record,
+    geometry_trace,
+    invert,
+    slice_geometry,
+    square_box,
+    volume_stats,
+)
 from modalseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -57,30 +92,6 @@ NORMALIZATIONS = (
     "none",
 )
 CROPS = ("none", "center", "bbox", "square")
-#: Percentiles of ``zscore_volume_robust``: intensities are clipped to them before the z-score (nnU-Net clips CT
-#: to the 0.5/99.5 percentiles of the dataset's foreground; here of each volume, which also tames MR artefacts).
-ROBUST_PERCENTILES = (0.5, 99.5)
-
-Box = tuple[int, int, int, int]
-_EPS = 1e-8
-
-
-def _pair(value: Any, name: str) -> tuple[int, int] | None:
-    """``None``, an int or a 2-sequence of positive ints -> ``(H, W)``."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"preprocess.{name}: expected a size (int or [H, W]), got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        value = (int(value), int(value))
-    try:
-        h, w = value
-        out = (int(h), int(w))
-    except (TypeError, ValueError):
-        raise ConfigError(f"preprocess.{name}: expected a size (int or [H, W]), got {value!r}") from None
-    if out[0] != h or out[1] != w or min(out) < 1:
-        raise ConfigError(f"preprocess.{name}: sizes must be positive integers, got {value!r}")
-    return out
 
 
 @dataclass
@@ -217,44 +228,6 @@ class PreprocessConfig:
 
 
 # ------------------------------------------------------------------------------------------------ geometry
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Everything needed to map a processed slice back to its original slice grid.
-
-    ``orig_shape`` (h, w) of the original slice; ``box`` (r0, c0, r1, c1) half-open crop box in original
-    pixels (may reach outside the image: that part was padded); ``out_shape`` (H, W) of the processed slice.
-    """
-
-    orig_shape: tuple[int, int]
-    box: Box
-    out_shape: tuple[int, int]
-
-    @property
-    def crop_shape(self) -> tuple[int, int]:
-        return (self.box[2] - self.box[0], self.box[3] - self.box[1])
-
-    @property
-    def resized(self) -> bool:
-        return self.crop_shape != tuple(self.out_shape)
-
-    def processed_spacing(self, in_plane_spacing: Sequence[float]) -> tuple[float, float]:
-        """Pixel size (mm) of the processed slice: cropping keeps it, resizing scales it by crop/out size."""
-        ch, cw = self.crop_shape
-        oh, ow = self.out_shape
-        return (float(in_plane_spacing[0]) * ch / oh, float(in_plane_spacing[1]) * cw / ow)
-
-    def to_dict(self) -> dict[str, list[int]]:
-        return {"orig_shape": list(self.orig_shape), "box": list(self.box), "out_shape": list(self.out_shape)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SliceGeometry:
-        return cls(
-            orig_shape=tuple(int(v) for v in data["orig_shape"]),  # type: ignore[arg-type]
-            box=tuple(int(v) for v in data["box"]),  # type: ignore[arg-type]
-            out_shape=tuple(int(v) for v in data["out_shape"]),  # type: ignore[arg-type]
-        )
-
-
 def in_plane_axes(slice_axis: int) -> tuple[int, int]:
     """The two array axes that remain in a slice taken along ``slice_axis``, in order."""
     return tuple(a for a in range(3) if a != slice_axis)  # type: ignore[return-value]
@@ -266,125 +239,7 @@ def in_plane_spacing(spacing: Sequence[float], slice_axis: int) -> tuple[float, 
     return (float(spacing[a]), float(spacing[b]))
 
 
-def center_box(shape: Sequence[int], size: Sequence[int]) -> Box:
-    """A ``size`` box centred on an image of ``shape`` (h, w); reaches outside where the image is smaller."""
-    r = _place(int(shape[0]), int(size[0]), shape[0] / 2.0)
-    c = _place(int(shape[1]), int(size[1]), shape[1] / 2.0)
-    return (r[0], c[0], r[1], c[1])
-
-
-def square_box(shape: Sequence[int]) -> Box:
-    """The centred square box of side max(h, w): padding the short side keeps the aspect ratio when the square
-    is then resized (a 45x120 slice is padded to 120x120, not stretched 2.7x along one axis)."""
-    side = max(int(shape[0]), int(shape[1]))
-    return center_box(shape, (side, side))
-
-
-def _place(extent: int, size: int, centre: float) -> tuple[int, int]:
-    """Start/stop of a ``size`` window centred at ``centre`` and kept inside ``[0, extent)`` when it fits;
-    when it does not fit the window is centred on the image (padding split evenly, extra pixel after)."""
-    if size >= extent:
-        start = -((size - extent) // 2)
-    else:
-        start = int(np.floor(centre - size / 2.0 + 0.5))
-        start = min(max(start, 0), extent - size)
-    return (start, start + size)
-
-
-def bbox_for_volume(label_volume: np.ndarray, slice_axis: int, size: int | Sequence[int]) -> Box:
-    """Fixed-size in-plane box (paper 2) centred on the union of the foreground over all slices.
-
-    The box is shifted to stay inside the image when the image is at least as large as the box, and centred
-    on the image (the rest is padding) along an axis where the image is smaller. Without foreground the box
-    is the centred box. If the foreground extent exceeds the box it cannot be enclosed: the box is centred
-    on the foreground and a warning is logged.
-    """
-    size = _pair(size, "crop_size")
-    assert size is not None
-    fg = np.asarray(label_volume) > 0
-    mask = fg.any(axis=slice_axis)
-    shape = mask.shape
-    if not mask.any():
-        return center_box(shape, size)
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    lo, hi = (rows[0], cols[0]), (rows[-1] + 1, cols[-1] + 1)
-    if hi[0] - lo[0] > size[0] or hi[1] - lo[1] > size[1]:
-        log.warning(
-            "foreground extent %dx%d exceeds the %dx%d crop box; the box cannot enclose it",
-            hi[0] - lo[0], hi[1] - lo[1], size[0], size[1],
-        )
-    r = _place(shape[0], size[0], (lo[0] + hi[0]) / 2.0)
-    c = _place(shape[1], size[1], (lo[1] + hi[1]) / 2.0)
-    return (r[0], c[0], r[1], c[1])
-
-
-def crop_slice(array: np.ndarray, box: Box, fill: float = 0) -> np.ndarray:
-    """Crop the last two axes of ``array`` to ``box``; the part outside the image is ``fill``."""
-    h, w = array.shape[-2:]
-    r0, c0, r1, c1 = box
-    if (r0, c0, r1, c1) == (0, 0, h, w):
-        return array
-    out = np.full(array.shape[:-2] + (r1 - r0, c1 - c0), fill, dtype=array.dtype)
-    ir0, ic0, ir1, ic1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
-    if ir1 > ir0 and ic1 > ic0:
-        out[..., ir0 - r0 : ir1 - r0, ic0 - c0 : ic1 - c0] = array[..., ir0:ir1, ic0:ic1]
-    return out
-
-
-def _paste(
-    array: np.ndarray, box: Box, orig_shape: Sequence[int], background: np.ndarray | float
-) -> np.ndarray:
-    """Inverse of :func:`crop_slice`: put the box content back on an ``orig_shape`` grid of ``background``."""
-    h, w = orig_shape
-    r0, c0, r1, c1 = box
-    lead = array.shape[:-2]
-    out = np.empty(lead + (h, w), dtype=array.dtype)
-    if isinstance(background, np.ndarray):
-        out[...] = background.reshape(lead + (1, 1))
-    else:
-        out[...] = background
-    ir0, ic0, ir1, ic1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
-    if ir1 > ir0 and ic1 > ic0:
-        out[..., ir0:ir1, ic0:ic1] = array[..., ir0 - r0 : ir1 - r0, ic0 - c0 : ic1 - c0]
-    return out
-
-
-def _resize(array: np.ndarray, size: Sequence[int], *, is_label: bool) -> np.ndarray:
-    """Resize the last two axes: bilinear (align_corners=False, no antialias) or nearest-exact for labels."""
-    if tuple(array.shape[-2:]) == tuple(size):
-        return array
-    lead = array.shape[:-2]
-    t = torch.from_numpy(np.ascontiguousarray(array).reshape((1, -1) + array.shape[-2:]))
-    if is_label:
-        # float32 represents every class index exactly; nearest never mixes values.
-        out = F.interpolate(t.to(torch.float32), size=tuple(size), mode="nearest-exact")
-        return out.numpy().reshape(lead + tuple(size)).astype(array.dtype)
-    out = F.interpolate(t.to(torch.float32), size=tuple(size), mode="bilinear", align_corners=False)
-    return out.numpy().reshape(lead + tuple(size)).astype(array.dtype, copy=False)
-
-
 # ------------------------------------------------------------------------------------------- normalisation
-def volume_stats(images: np.ndarray, modes: Sequence[str] | None = None) -> list[dict[str, float]]:
-    """Per-channel statistics of an (M, ...) volume for the ``*_volume`` normalisation modes (``modes``: one per
-    channel; robust modes get percentile-clipped statistics)."""
-    modes = modes or ["zscore_volume"] * len(images)
-    return [_robust_stats(c) if m == "zscore_volume_robust" else _stats(c) for c, m in zip(images, modes, strict=True)]
-
-
-def _robust_stats(x: np.ndarray) -> dict[str, float]:
-    """Mean/std of the volume clipped to :data:`ROBUST_PERCENTILES`, with the clip bounds."""
-    c = np.asarray(x, dtype=np.float64)
-    lo, hi = (float(v) for v in np.percentile(c, ROBUST_PERCENTILES))
-    clipped = np.clip(c, lo, hi)
-    return {"mean": float(clipped.mean()), "std": float(clipped.std()), "max": hi, "min": lo, "clip": 1.0}
-
-
-def _stats(x: np.ndarray) -> dict[str, float]:
-    c = np.asarray(x, dtype=np.float64)
-    return {"mean": float(c.mean()), "std": float(c.std()), "max": float(c.max()), "min": float(c.min())}
-
-
 def dataset_stats(cfg: PreprocessConfig, channel: int) -> dict[str, float]:
     """The ``ct_dataset`` statistics of ``channel`` (a one-line error if the configuration carries none)."""
     stats = cfg.intensity_stats
@@ -392,33 +247,6 @@ def dataset_stats(cfg: PreprocessConfig, channel: int) -> dict[str, float]:
         raise ConfigError(f"preprocess: normalisation ct_dataset of channel {channel} needs dataset intensity "
                           "statistics (computed when training starts; a model carries them)")
     return stats[channel]  # type: ignore[return-value]
-
-
-def _normalise(x: np.ndarray, mode: str, stats: dict[str, float] | None) -> np.ndarray:
-    """One 2D channel. Degenerate statistics (constant slice, max <= 0) do not divide by ~0."""
-    if mode == "none":
-        return x.astype(np.float32, copy=False)
-    if mode == "ct_dataset":  # nnU-Net's CTNormalization: clip to the dataset's foreground percentiles, z-score
-        assert stats is not None
-        std = stats["std"] if stats["std"] > _EPS else 1.0
-        return np.asarray((np.clip(x, stats["lo"], stats["hi"]) - stats["mean"]) / std, dtype=np.float32)
-    if "_volume" in mode:
-        if stats is None:
-            raise ValueError(f"normalisation {mode!r} needs volume statistics (see volume_stats)")
-        s = stats
-    else:
-        s = _stats(x)
-    if mode.startswith("zscore"):
-        std = s["std"] if s["std"] > _EPS else 1.0
-        if s.get("clip"):
-            x = np.clip(x, s["min"], s["max"])
-        y = (x - s["mean"]) / std
-    elif mode.startswith("max"):
-        y = x / s["max"] if s["max"] > _EPS else x
-    else:  # minmax_slice
-        rng = s["max"] - s["min"]
-        y = (x - s["min"]) / rng if rng > _EPS else np.zeros_like(x)
-    return np.asarray(y, dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ slices
@@ -473,23 +301,48 @@ def restore_slice(prob_or_label: np.ndarray, geom: SliceGeometry, *, is_label: b
     """Map a processed slice back to the original (h, w) grid (undo resize, paste into the crop box).
 
     Probabilities (C,H,W) are resized bilinearly and the outside of the box is background (class 0 = 1);
-    labels (H,W) are resized nearest-exact and 0 outside the box.
+    labels (H,W) are resized nearest-exact and 0 outside the box. The inverse of the ``CropPad`` and ``Resize``
+    transforms that ``geom`` describes (:func:`modalseg.data.transforms.geometry_trace`).
     """
     arr = np.asarray(prob_or_label)
     if is_label:
         if arr.ndim != 2:
             raise ValueError(f"label map must be (H, W), got shape {arr.shape}")
-        arr = _resize(arr, geom.crop_shape, is_label=True)
-        return _paste(arr, geom.box, geom.orig_shape, 0)
+        return invert(arr[None], geometry_trace(geom), "label")[0]
     if arr.ndim != 3:
         raise ValueError(f"probabilities must be (C, H, W), got shape {arr.shape}")
-    arr = _resize(arr, geom.crop_shape, is_label=False)
-    bg = np.zeros(arr.shape[0], dtype=arr.dtype)
-    bg[0] = 1
-    return _paste(arr, geom.box, geom.orig_shape, bg)
+    return np.ascontiguousarray(invert(arr[:, None], geometry_trace(geom), "probabilities")[:, 0])
 
 
 # ------------------------------------------------------------------------------------------------ volumes
+def preprocessing_pipeline(
+    cfg: PreprocessConfig,
+    num_channels: int,
+    *,
+    channels: Sequence[int] | None = None,
+    all_slices: bool = False,
+    canonical: bool = False,
+) -> Compose:
+    """The transforms of ``cfg`` for an image of ``num_channels`` channels (``channels``: positions in the
+    normalisation list, as :meth:`PreprocessConfig.modes_for`). ``all_slices`` keeps every slice even under
+    ``only_labelled_slices`` (prediction, evaluation); ``canonical`` starts with :class:`ToCanonical` (the sample
+    then needs its affine), so that one :func:`invert` also returns to the file's voxel order."""
+    modes = cfg.modes_for(num_channels, channels)
+    ct = None
+    if "ct_dataset" in modes:
+        positions = list(channels) if channels is not None else list(range(num_channels))
+        ct = [dataset_stats(cfg, positions[i]) if mode == "ct_dataset" else None for i, mode in enumerate(modes)]
+    steps: list[InvertibleTransform] = [ToCanonical()] if canonical else []
+    steps += [
+        Normalise(modes, cfg.slice_axis, ct),
+        ToSliceMajor(cfg.slice_axis),
+        SelectSlices(cfg.only_labelled_slices and not all_slices),
+        CropPad(cfg.crop, cfg.crop_size),
+        Resize(cfg.target_size),
+    ]
+    return Compose(steps)
+
+
 @dataclass
 class PreprocessedSlice:
     """One processed slice of a volume: ``z`` is its index along the slice axis."""
@@ -525,7 +378,9 @@ def preprocess_volume(
     """Slice an (M, X, Y, Z) image volume (and its (X, Y, Z) class-index label) along ``cfg.slice_axis``.
 
     Slices without foreground are skipped when ``cfg.only_labelled_slices`` and a label is given, unless
-    ``all_slices`` (prediction and evaluation process every slice).
+    ``all_slices`` (prediction and evaluation process every slice). The composition of the transforms of
+    :func:`preprocessing_pipeline` (normalise, slice-major, select, crop/pad, resize),
+    split into one :class:`PreprocessedSlice` per kept slice.
     """
     images = np.asarray(images)
     if images.ndim != 4:
@@ -533,26 +388,18 @@ def preprocess_volume(
     axis = cfg.slice_axis
     if label is not None and tuple(label.shape) != images.shape[1:]:
         raise ValueError(f"label shape {label.shape} differs from image shape {images.shape[1:]}")
-    modes = cfg.modes_for(images.shape[0], channels)
-    stats = volume_stats(images, modes) if any("_volume" in m for m in modes) else None
-    if "ct_dataset" in modes:
-        positions = list(channels) if channels is not None else list(range(images.shape[0]))
-        stats = stats or [None] * images.shape[0]  # type: ignore[list-item]
-        for i, mode in enumerate(modes):
-            if mode == "ct_dataset":
-                stats[i] = dataset_stats(cfg, positions[i])
-    a, b = in_plane_axes(axis)
-    box = volume_box((images.shape[1 + a], images.shape[1 + b]), label, cfg)
-    px = in_plane_spacing(spacing, axis)
+    pipeline = preprocessing_pipeline(cfg, images.shape[0], channels=channels, all_slices=all_slices)
+    sample = pipeline(Sample(images, label, spacing=tuple(float(v) for v in spacing)))
+    geom = slice_geometry(sample.trace)
+    selected = find_record(sample.trace, SelectSlices)
+    assert selected is not None
+    foreground = selected["foreground"] or [False] * int(selected["depth"])
+    px = geom.processed_spacing(in_plane_spacing(spacing, axis))
     out = []
-    for z in range(images.shape[1 + axis]):
-        lab2d = np.take(label, z, axis=axis) if label is not None else None
-        fg = bool(lab2d is not None and (lab2d > 0).any())
-        if cfg.only_labelled_slices and label is not None and not fg and not all_slices:
-            continue
-        img2d = np.take(images, z, axis=1 + axis)
-        img, lab, geom = preprocess_slice(img2d, lab2d, cfg, box, stats=stats, channels=channels)
-        out.append(PreprocessedSlice(z, img, lab, geom, geom.processed_spacing(px), fg))
+    for i, z in enumerate(selected["kept"]):
+        img = np.ascontiguousarray(sample.image[:, i], dtype=np.float32)
+        lab = sample.label[i] if sample.label is not None else None
+        out.append(PreprocessedSlice(int(z), img, lab, geom, px, bool(foreground[z])))
     return out
 
 
@@ -565,9 +412,12 @@ def restore_volume(
 ) -> np.ndarray:
     """Stack restored slices (every slice of a volume, in order) back into a volume.
 
-    Labels give (X, Y, Z); probabilities (C, X, Y, Z).
+    Labels give (X, Y, Z); probabilities (C, X, Y, Z). Each slice goes back through its ``CropPad``/``Resize``
+    (:func:`restore_slice`), the stack through ``ToSliceMajor``'s inverse.
     """
     if len(slices) != len(geometries) or not slices:
         raise ValueError("need one geometry per slice and at least one slice")
     restored = [restore_slice(s, g, is_label=is_label) for s, g in zip(slices, geometries, strict=True)]
-    return np.stack(restored, axis=slice_axis if is_label else 1 + slice_axis)
+    stacked = np.stack(restored, axis=0 if is_label else 1)
+    kind = "label" if is_label else "probabilities"
+    return np.ascontiguousarray(ToSliceMajor(slice_axis).inverse(stacked, {"slice_axis": slice_axis}, kind))

@@ -113,6 +113,16 @@ class EpochBatchSampler:
             else:
                 yield np.array_split(glob, self.world_size)[self.rank]
 
+    def batch_at(self, step: int) -> np.ndarray:
+        """This rank's batch of global step ``step``, i.e. batch ``step % num_batches`` of epoch
+        ``step // num_batches`` (the trainer's step count), for step-based callers such as the patch samplers."""
+        total = self.num_batches(0)
+        if total < 1:
+            raise ValueError("the sampler has no batches (fewer indices than one global batch)")
+        if int(step) < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, batch = divmod(int(step), total)
+        return next(self.batches(epoch, start_batch=batch))
 
     def _oversample(self, glob: np.ndarray, epoch: int, batch: int) -> np.ndarray:
         forced = int(round(self.foreground_fraction * len(glob)))

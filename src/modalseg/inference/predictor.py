@@ -6,10 +6,11 @@ and the class probabilities on the first volume's grid and voxel order, whatever
 The steps are the checkpoint's deterministic transforms, each inverted on the way back:
 
 1. assistant modalities onto the first volume's grid (data/geometry.py ``onto_grid``; refused if ``strict``);
-2. canonical (closest to RAS) voxel order, as in training (``to_canonical``);
-3. the preprocessing preset (normalise, crop box, resize: data/preprocess.py ``preprocess_volume``);
-4. the inferer over every backend (slices, batched), probabilities averaged over models (fold ensembling);
-5. back: ``restore_volume`` (un-resize, un-crop), the inverse reorientation, argmax to the file's label values.
+2. the checkpoint's invertible transforms (data/transforms.py, built by ``preprocessing_pipeline``): canonical
+   (closest to RAS) voxel order as in training, normalisation, slices, crop box, resize;
+3. the inferer over every backend (slices, batched), probabilities averaged over models (fold ensembling);
+4. back: ``invert`` of the recorded trace (un-resize, un-crop, the inverse reorientation), argmax to the file's
+   label values.
 
 The ``modalseg predict`` command is a thin layer over this (file discovery, output naming, writing); 3D Slicer
 or MONAI Deploy integrations call :meth:`Predictor.predict` or :meth:`Predictor.predict_arrays` directly.
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modalseg.data.geometry import geometry_problems, onto_grid, to_canonical
+from modalseg.data.geometry import geometry_problems, onto_grid
 from modalseg.data.io import read_volume, strip_extension
-from modalseg.data.preprocess import PreprocessConfig, preprocess_volume, restore_volume
+from modalseg.data.preprocess import PreprocessConfig, preprocessing_pipeline
+from modalseg.data.transforms import Sample, invert
 from modalseg.data.types import Volume
 from modalseg.data.verify import intensity_problems
 from modalseg.errors import CheckpointError, DataError
@@ -226,9 +228,7 @@ class Predictor:
             if note:
                 print(note, flush=True)
             aligned.append(vol)
-        canonical, reo = to_canonical(volumes[0])
         pp = PreprocessConfig.from_dict(meta.preprocess)
-        images = reo.apply(np.stack([v.array for v in aligned], axis=0))
         if meta.kind == "paired":
             channel_names = meta.channel_names or meta.modalities
             channels: list[int] | None = [channel_names.index(m) for m in meta.modalities]
@@ -236,14 +236,17 @@ class Predictor:
         else:
             channels = None
             branch = meta.modalities.index(self.choose_modality(modality, first_path))
-        slices = preprocess_volume(images, None, pp, spacing=canonical.spacing, channels=channels, all_slices=True)
-        batch = np.stack([s.image for s in slices], axis=0)
+        # the checkpoint's deterministic transforms (canonical order, normalise, slices, crop, resize), recorded
+        # in the sample's trace so that one invert() returns to the first volume's grid and voxel order
+        stacked = np.stack([v.array for v in aligned], axis=0)
+        pipeline = preprocessing_pipeline(pp, len(stacked), channels=channels, all_slices=True, canonical=True)
+        sample = pipeline(Sample(stacked, None, affine=volumes[0].affine, path=volumes[0].path))
+        batch = np.ascontiguousarray(np.moveaxis(sample.image, 1, 0))  # (slices, C, H, W)
         probs = ensemble_probabilities([self.inferer(m.backend, batch, branch) for m in self.models])
         if not np.isfinite(probs).all():
             raise DataError(
                 f"the model produced {int((~np.isfinite(probs)).sum())} non-finite (NaN/inf) probabilities for this "
                 "case; nothing was written", first_path)
-        restored = restore_volume(list(probs), [s.geometry for s in slices], pp.slice_axis, is_label=False)
-        restored = reo.invert(restored)  # back to the input's voxel order: written with volumes[0]'s geometry
+        restored = invert(np.moveaxis(probs, 1, 0), sample.trace, "probabilities")
         values = np.asarray(list(meta.labels.values()))
         return Prediction(values[restored.argmax(axis=0)], restored.astype(np.float32), volumes[0])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalseg.data.patches import SlicePatchSampler, UnpairedSlicePatchSampler, squeeze_depth
 from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
 from modalseg.data.types import DatasetSpec
 from modalseg.errors import ConfigError
@@ -398,11 +399,12 @@ class PairedTask(Task):
         self.train_idx = cache.indices_for(case_ids=train_cases)
         self.val_idx = cache.indices_for(case_ids=val_cases)
         foreground = np.array([bool(cache.records[i].get("foreground")) for i in self.train_idx])
-        self.sampler = EpochBatchSampler(
+        # 2D training reads depth-1 patches of the cached volumes, in the slice order of EpochBatchSampler
+        self.sampler = SlicePatchSampler(cache, EpochBatchSampler(
             self.train_idx, cfg.batch_size // world_size, shuffle=True, seed=cfg.seed, drop_last=True,
             rank=rank, world_size=world_size, foreground=foreground,
             foreground_fraction=cfg.foreground_fraction or 0.0,
-        )
+        ))
         self.steps_per_epoch = self.sampler.num_batches(0)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"fold {cfg.fold} has {len(self.train_idx)} training slices, fewer than one batch")
@@ -410,9 +412,9 @@ class PairedTask(Task):
 
     def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
         cache = self._cache()
-        for idx in self.sampler.batches(epoch, start_batch=start):
-            x, y = cache.get_batch(idx)
-            yield TrainBatch((precision.to_input(x[:, self.channel_index]), y.to(precision.device)), len(idx))
+        for refs in self.sampler.batches(epoch, start_batch=start):
+            x, y = squeeze_depth(*cache.get_patches(refs))
+            yield TrainBatch((precision.to_input(x[:, self.channel_index]), y.to(precision.device)), len(refs))
 
     def probe_example(self, batch_size: int) -> tuple[Any, ...]:
         cache = self._cache()
@@ -478,8 +480,8 @@ class UnpairedTask(Task):
         for m, idx in self.train_idx_by_mod.items():
             if len(idx) == 0:
                 raise ConfigError(f"no training slices of modality {m} in fold {cfg.fold}")
-        self.sampler = UnpairedBatchSampler(self.train_idx_by_mod, cfg.batch_size // world_size, seed=cfg.seed,
-                                            rank=rank, world_size=world_size)
+        self.sampler = UnpairedSlicePatchSampler(cache, UnpairedBatchSampler(
+            self.train_idx_by_mod, cfg.batch_size // world_size, seed=cfg.seed, rank=rank, world_size=world_size))
         largest = max(len(v) for v in self.train_idx_by_mod.values())
         self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
         return self.steps_per_epoch
@@ -497,7 +499,7 @@ class UnpairedTask(Task):
         for batch in self.sampler.steps(first, self.steps_per_epoch - start):
             xs, ys = [], []
             for m in self.modalities:
-                x, y = cache.get_batch(batch[m])
+                x, y = squeeze_depth(*cache.get_patches(batch[m]))
                 xs.append(precision.to_input(x))
                 ys.append(y.to(precision.device))
             yield TrainBatch((xs, ys), sum(len(v) for v in batch.values()))
