@@ -39,3 +39,11 @@ class OutputError(ModalsegError):
 
 class TrainingError(ModalsegError):
     """Training cannot go on (e.g. the loss became NaN/inf); the last checkpoint is kept."""
+
+
+class EvaluationError(ModalsegError):
+    """Inputs to an evaluation (metrics, statistics, tables, figures) are inconsistent or unusable.
+
+    Lives here, not in ``evaluation.metrics``, so that ``evaluation.stats`` and ``evaluation.tables`` can raise it
+    without importing the metrics module (and with it MONAI and torch).
+    """

@@ -14,6 +14,7 @@ EXPERIMENTS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One subcommand per paper module; a build without one of them simply lacks that subcommand."""
     sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     for name, module_name in EXPERIMENTS.items():
         try:
@@ -28,4 +29,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the chosen paper's experiment (both go through :mod:`modalseg.experiments.runner`)."""
     return int(args._experiment(args) or 0)

@@ -16,7 +16,7 @@ from modalseg import __version__
 from modalseg.errors import ModalsegError
 from modalseg.utils.host_memory import keep_freed_memory
 
-COMMANDS = ["synth", "verify", "train", "evaluate", "predict", "experiment", "demo"]
+COMMANDS = ["synth", "verify", "train", "evaluate", "predict", "postprocess", "export", "experiment", "demo"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from modalseg.evaluation.metrics import EvaluationError
+from modalseg.errors import EvaluationError
 from modalseg.utils.atomic import atomic_path
 
 PANEL_INCHES = 2.2

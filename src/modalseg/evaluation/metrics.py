@@ -64,7 +64,9 @@ from monai.metrics import (
 )
 from monai.metrics.utils import get_edge_surface_distance
 
-from modalseg.errors import ConfigError, DataError, ModalsegError
+from modalseg.errors import ConfigError, DataError
+from modalseg.errors import EvaluationError as EvaluationError  # its old home: still importable from here
+from modalseg.evaluation.stats import mean_sd
 
 METRIC_NAMES: tuple[str, ...] = ("dice", "sensitivity", "rad", "hd", "hd95")
 STATUSES: tuple[str, ...] = ("ok", "both_empty", "pred_empty", "gt_empty")
@@ -72,10 +74,6 @@ HD95_CONVENTIONS: tuple[str, ...] = ("monai", "pooled")
 #: Dice of a class absent from both prediction and reference: ``"one"`` (ours) or ``"nan"`` (nnU-Net's).
 EMPTY_DICE_CONVENTIONS: tuple[str, ...] = ("one", "nan")
 _HD_CHUNK_VOXELS = 1 << 24
-
-
-class EvaluationError(ModalsegError):
-    """Inputs to an evaluation (metrics, statistics, tables, figures) are inconsistent or unusable."""
 
 
 @dataclass
@@ -446,8 +444,6 @@ def aggregate(
     ``modalseg evaluate``; NaN for none), ``m_n`` (values used), ``m_n_excluded`` and ``m_excluded`` (e.g.
     ``"pred_empty: 2 (inf)"``). NaN and inf values are left out of the means (a nanmean), never silently.
     """
-    from modalseg.evaluation.stats import mean_sd
-
     groups: dict[tuple, list[CaseMetrics]] = {}
     for m in metrics:
         try:

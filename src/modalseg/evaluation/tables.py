@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modalseg.evaluation.metrics import EvaluationError
+from modalseg.errors import EvaluationError
 from modalseg.evaluation.stats import format_mean_sd, mean_sd
 from modalseg.utils.atomic import atomic_write_text
 

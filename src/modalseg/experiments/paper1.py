@@ -10,9 +10,11 @@ This command repeats that protocol on any paired dataset:
   then evaluate the fold's validation slices one by one (foreground class). The patient split is the same
   for every run and model: one ``DIR/splits.json`` is copied into every run folder and checked.
 * each (model, run, fold) is saved as ``DIR/records/<model>_run<r>_fold<k>.json`` (per-slice metrics,
-  parameter counts, timing) and ``..._val.npz`` (the validation predictions, for the figures). Existing
-  records are reused, so an interrupted experiment continues where it stopped (``--overwrite`` retrains);
-  a record made with a different budget is refused rather than mixed in.
+  parameter counts, timing) and ``..._val.npz`` (the validation predictions, for the figures). The grid,
+  record reuse, the shared split and resume are the shared experiment runner's
+  (:mod:`modalseg.experiments.runner`, docs/experiments.md): existing records are reused, so an interrupted
+  experiment continues where it stopped (``--overwrite`` retrains); a record made with a different budget,
+  seed or validation split is refused rather than mixed in.
 * aggregation as in the paper: per run, the mean over all validation slices of all folds (CV pooled), then
   mean ± s.d. (ddof 1) over the runs -> ``DIR/table1.md`` and ``DIR/table1.csv``; numbers in ``summary.json``.
 * ``DIR/figures/fig4_overlays.png`` (Fig. 4: truth white, model green, Dice in the corner) and
@@ -37,14 +39,15 @@ import argparse
 import dataclasses
 import json
 import math
-import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from modalseg.errors import ConfigError
+from modalseg.experiments.runner import Experiment, Job, Outcome, Runner, add_checkpoint_argument, grid
 
 HELP = "paper 1 (Li et al.) Table 1, Fig. 4 and Fig. 5: ten paired fusion models, k-fold CV x repeated runs"
 
@@ -113,9 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="autocast precision (auto: bf16 on AMX CPUs and CUDA, else fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of run 0 (run r uses seed + r)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split (fixed for all runs)")
-    p.add_argument("--checkpoint", default="latest", choices=["latest", "best"],
-                   help="weights evaluated: the final epoch (default, as nnU-Net) or best.pt, the best "
-                        "validation epoch of the same fold (optimistic; latest.pt where no best.pt exists)")
+    add_checkpoint_argument(p, help="weights evaluated: latest.pt, the final epoch (default, as nnU-Net), or "
+                                    "best.pt, the best validation epoch of the same fold (optimistic; latest.pt "
+                                    "where no best.pt exists)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
                    help="any other training option, VALUE parsed as YAML (e.g. --set num_threads=1)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
@@ -346,7 +349,7 @@ def _train_config(plan: Plan, model: str, run: int, fold: int) -> Any:
     }
     values.update({k: v for k, v in plan.overrides.items() if k not in ("model_options", "preprocess_options")})
     values.update(
-        data=str(plan.data), output=str(plan.output / "runs" / model / f"run_{run}"), model=model,
+        data=str(plan.data), output=str(_run_root(plan, model, run)), model=model,
         model_options=plan.model_options(model), preprocess="paper1",
         preprocess_options={**(plan.overrides.get("preprocess_options") or {}),
                             "target_size": [plan.image_size, plan.image_size]},
@@ -356,64 +359,35 @@ def _train_config(plan: Plan, model: str, run: int, fold: int) -> Any:
     return TrainConfig.from_dict(values, source="modalseg experiment paper1")
 
 
+def _run_root(plan: Plan, model: str, run: int) -> Path:
+    return plan.output / "runs" / model / f"run_{run}"
+
+
 def _record_path(plan: Plan, model: str, run: int, fold: int) -> Path:
     return plan.output / "records" / f"{model}_run{run}_fold{fold}.json"
 
 
-def _first_difference(a: dict, b: dict) -> str:
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            return f"{key} {a.get(key)!r} there, {b.get(key)!r} now"
-    return "unknown difference"
+def _predictions_path(record_path: Path) -> Path:
+    return record_path.with_name(record_path.stem + "_val.npz")
 
 
-def _load_record(path: Path, plan: Plan, val_patients: list[str] | None) -> dict | None:
-    """A reusable record, ``None`` if absent; a record of another budget or split is an error."""
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise ConfigError(f"unreadable record ({exc}); delete it or pass --overwrite", path) from None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise ConfigError("not a paper1 experiment record; delete it or pass --overwrite", path)
-    if record.get("budget") != plan.budget():
-        diff = _first_difference(record.get("budget") or {}, plan.budget())
-        raise ConfigError(f"record was made with another budget ({diff}); pass --overwrite or use another "
-                          "--output", path)
-    if val_patients is not None and record.get("val_patients") != val_patients:
-        raise ConfigError("record's validation patients differ from splits.json; pass --overwrite", path)
-    return record
+def _splits(plan: Plan, spec: Any, cache: Any) -> list[dict]:
+    """``DIR/splits.json``, the one patient split of every run and model: validated if present, else made as the
+    engine makes a run's split (so records of earlier versions, whose first training wrote it, still match)."""
+    from modalseg.training.splits import resolve_splits
+    from modalseg.training.tasks import task_for
 
-
-def _splits(plan: Plan) -> list[dict] | None:
     path = plan.output / "splits.json"
-    if not path.exists():
-        return None
-    try:
-        splits = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot parse splits ({exc})", path) from None
-    if not isinstance(splits, list) or len(splits) != plan.folds:
-        n = len(splits) if isinstance(splits, list) else "?"
-        raise ConfigError(f"has {n} folds but --folds is {plan.folds}; pass --overwrite to re-split", path)
-    return splits
-
-
-def _can_resume(latest: Path, cfg: Any) -> bool:
-    """Continue an interrupted training only if its checkpoint was written under the same options."""
-    from modalseg.errors import CheckpointError
-    from modalseg.training.checkpoint import load_checkpoint
-
-    if not latest.exists():
-        return False
-    try:
-        saved = load_checkpoint(latest).get("config") or {}
-    except CheckpointError:
-        return False
-    keys = ("epochs", "lr", "batch_size", "seed", "split_seed", "model", "model_options", "preprocess_options",
-            "precision", "folds", "fold", "data")
-    return all(saved.get(k) == getattr(cfg, k) for k in keys)
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot parse splits ({exc})", path) from None
+        if not isinstance(stored, list) or len(stored) != plan.folds:
+            n = len(stored) if isinstance(stored, list) else "?"
+            raise ConfigError(f"has {n} folds but --folds is {plan.folds}; pass --overwrite to re-split", path)
+    return resolve_splits(plan.output, cache.patients, plan.folds, plan.split_seed, task_for(spec).strata(cache),
+                          dataset_root=plan.data, log=lambda line: print(f"paper1: {line}", flush=True))
 
 
 def _save_predictions(path: Path, pred: np.ndarray, cache_index: np.ndarray, case_ids: list[str],
@@ -425,69 +399,72 @@ def _save_predictions(path: Path, pred: np.ndarray, cache_index: np.ndarray, cas
                             case_ids=np.asarray(case_ids, dtype=str), z=np.asarray(zs, dtype=np.int64))
 
 
-def _train_and_record(plan: Plan, model: str, run: int, fold: int, label: str) -> dict:
-    """Train one (model, run, fold), evaluate its validation slices per slice, write the record."""
-    from modalseg.training.checkpoint import load_checkpoint, load_model_state
-    from modalseg.training.engine import Trainer
-    from modalseg.training.evaluate import evaluate_predictions
-    from modalseg.utils.atomic import atomic_write_text
+class Paper1(Experiment):
+    """Paper 1's grid (run x fold x model) and what one (model, run, fold) records, for the shared runner."""
 
-    cfg = _train_config(plan, model, run, fold)
-    run_root = Path(cfg.output)
-    fold_dir = run_root / f"fold_{fold}"
-    if plan.overwrite and fold_dir.exists():
-        shutil.rmtree(fold_dir)
-    shared = plan.output / "splits.json"
-    if shared.exists():  # one split for the whole experiment: every run folder gets the same file
-        text = shared.read_text(encoding="utf-8")
-        own = run_root / "splits.json"
-        if not own.exists() or own.read_text(encoding="utf-8") != text:
-            atomic_write_text(own, text)
-    resume = _can_resume(fold_dir / "latest.pt", cfg)
-    print(f"paper1: {label} {model} run {run} fold {fold} (seed {cfg.seed}): "
-          f"{'resuming' if resume else 'training'} -> {fold_dir}", flush=True)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume=resume)
-    if not shared.exists():
-        atomic_write_text(shared, (run_root / "splits.json").read_text(encoding="utf-8"))
-    splits = _splits(plan)
-    if splits is None or trainer.split != splits[fold]:
-        raise RuntimeError(f"{run_root / 'splits.json'} differs from {shared}: the split must be shared")
-    summary = trainer.fit()
-    train_s = time.perf_counter() - t0
+    name = "paper1"
 
-    ckpt = fold_dir / f"{plan.checkpoint}.pt"
-    if not ckpt.exists():  # best.pt is never written from a degenerate (empty/all-foreground) validation
-        print(f"      no {ckpt.name} in {fold_dir} (no non-degenerate validation epoch): using latest.pt", flush=True)
-        ckpt = fold_dir / "latest.pt"
-    load_model_state(trainer.network, load_checkpoint(ckpt)["model_state"], ckpt)
-    split = trainer.predict_split("val")["all"]
-    pred, target, recs, idx = split.pred, split.target, split.records, split.indices
-    n_empty, n_reference = count_empty_slices(pred, target)
-    class_names = list(trainer.meta.labels)
-    _per_patient, per_slice = evaluate_predictions(pred, target, recs, class_names)
-    slices = []
-    for i, m in enumerate(per_slice):
-        rec = recs[i // (len(class_names) - 1)]
-        slices.append({**m.as_dict(), "patient_id": rec["patient_id"], "z": int(rec["z"])})
-    meta = trainer.meta
-    record = {
-        "format": RECORD_FORMAT, "version": RECORD_VERSION, "model": model, "run": run, "fold": fold,
-        "seed": cfg.seed, "budget": plan.budget(), "val_patients": list(trainer.split["val"]),
-        "modalities": list(meta.modalities), "base_width": plan.base_width(model),
-        "params_trained": count_parameters(trainer.network),
-        "params_full": full_size_parameters(model, len(meta.modalities), meta.in_channels, meta.num_classes),
-        "precision": trainer.precision.name, "train_seconds": round(train_s, 2),
-        "epochs_trained": summary["epochs"], "steps": summary["steps"],
-        "best_val_dice_patient": summary["best_val_dice"], "checkpoint": str(ckpt),
-        "empty_slices": n_empty, "reference_slices": n_reference,
-        "slices": slices,
-    }
-    rpath = _record_path(plan, model, run, fold)
-    _save_predictions(rpath.with_name(rpath.stem + "_val.npz"), pred, idx,
-                      [r["case_id"] for r in recs], [int(r["z"]) for r in recs])
-    atomic_write_text(rpath, json.dumps(record, indent=1))  # written last: marks the fold as done
-    return record
+    def __init__(self, plan: Plan, splits: list[dict]) -> None:
+        self.plan = plan
+        self.splits = splits
+        self.checkpoint = plan.checkpoint
+
+    def keys(self) -> list[dict[str, Any]]:
+        """The grid in paper 1's order: every model of a fold, every fold of a run."""
+        return grid(("run", range(self.plan.runs)), ("fold", self.plan.eval_folds), ("model", self.plan.models))
+
+    def job(self, key: Mapping[str, Any]) -> Job:
+        model, run, fold = key["model"], key["run"], key["fold"]
+        path = _record_path(self.plan, model, run, fold)
+        options = {"format": RECORD_FORMAT, "seed": self.plan.seed + run, "budget": self.plan.budget(),
+                   "val_patients": list(self.splits[fold]["val"])}
+        return Job(key={"model": model, "run": run, "fold": fold}, options=options, record=path,
+                   run_root=_run_root(self.plan, model, run), fold=fold, companions=(_predictions_path(path),))
+
+    def describe(self, key: Mapping[str, Any]) -> str:
+        return f"{key['model']} run {key['run']} fold {key['fold']}"
+
+    def train_config(self, job: Job) -> Any:
+        return _train_config(self.plan, job.key["model"], job.key["run"], job.fold)
+
+    def training_note(self, job: Job) -> str:
+        return f"(seed {self.plan.seed + job.key['run']})"
+
+    def summary(self, outcome: Outcome) -> str:
+        slices = outcome.record["slices"]
+        dice = np.mean([s["dice"] for s in slices]) if slices else math.nan
+        return f"per-slice Dice {100 * dice:.1f}% on {len(slices)} slice(s)"
+
+    def evaluate(self, job: Job, trainer: Any, summary: dict[str, Any], train_seconds: float,
+                 weights: Path) -> dict[str, Any]:
+        """Per-slice metrics of the fold's validation slices (foreground class) and the saved predictions."""
+        from modalseg.training.evaluate import evaluate_predictions
+
+        plan, model, run, fold = self.plan, job.key["model"], job.key["run"], job.fold
+        val = trainer.predict_split("val")["all"]
+        n_empty, n_reference = count_empty_slices(val.pred, val.target)
+        class_names = list(trainer.meta.labels)
+        _per_patient, per_slice = evaluate_predictions(val.pred, val.target, val.records, class_names)
+        slices = []
+        for i, m in enumerate(per_slice):
+            rec = val.records[i // (len(class_names) - 1)]
+            slices.append({**m.as_dict(), "patient_id": rec["patient_id"], "z": int(rec["z"])})
+        meta = trainer.meta
+        record = {
+            "format": RECORD_FORMAT, "version": RECORD_VERSION, "model": model, "run": run, "fold": fold,
+            "seed": trainer.cfg.seed, "budget": plan.budget(), "val_patients": list(trainer.split["val"]),
+            "modalities": list(meta.modalities), "base_width": plan.base_width(model),
+            "params_trained": count_parameters(trainer.network),
+            "params_full": full_size_parameters(model, len(meta.modalities), meta.in_channels, meta.num_classes),
+            "precision": trainer.precision.name, "train_seconds": round(train_seconds, 2),
+            "epochs_trained": summary["epochs"], "steps": summary["steps"],
+            "best_val_dice_patient": summary["best_val_dice"], "checkpoint": str(weights),
+            "empty_slices": n_empty, "reference_slices": n_reference,
+            "slices": slices,
+        }
+        _save_predictions(_predictions_path(job.record), val.pred, val.indices,
+                          [r["case_id"] for r in val.records], [int(r["z"]) for r in val.records])
+        return record
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -610,16 +587,16 @@ def write_table1(plan: Plan, records: list[dict], wall_s: float, dataset_name: s
 
 # ---------------------------------------------------------------------------------------------- figures
 def _open_cache(plan: Plan, model: str) -> Any:
-    """The slice cache the trainings used (opened, not rebuilt, when its fingerprint matches)."""
+    """The slice cache the trainings use (opened, not rebuilt, when its fingerprint matches)."""
     from modalseg.data.cache import build_slice_cache
     from modalseg.data.layouts import load_dataset
-    from modalseg.training.engine import make_preprocess, resolve_recipe
+    from modalseg.training.engine import cache_folder, make_preprocess, resolve_recipe
 
     cfg = _train_config(plan, model, 0, plan.eval_folds[0])
     spec = load_dataset(cfg.data, cfg.layout)
     cfg = resolve_recipe(cfg, spec)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output).parent / ".modalseg_cache"
-    return build_slice_cache(spec, make_preprocess(cfg), cache_dir / spec.name, progress=False)
+    return build_slice_cache(spec, make_preprocess(cfg, spec), cache_folder(cfg, spec), progress=False,
+                             strict=cfg.strict_geometry)
 
 
 def _load_predictions(plan: Plan, model: str, run: int, fold: int, cache: Any) -> dict | None:
@@ -684,22 +661,22 @@ def _attention_rows(plan: Plan, model: str, fold: int, image: np.ndarray) -> dic
     """SA maps of the run-0 model on one slice: {row label: [block 1..5 maps]}."""
     import torch
 
-    from modalseg.training.checkpoint import load_checkpoint, load_model_state
-    from modalseg.training.tasks import ModelMeta, build_network
+    from modalseg.models.fusion import attention_maps
+    from modalseg.training.checkpoint import read_checkpoint
 
     path = plan.output / "runs" / model / "run_0" / f"fold_{fold}" / f"{plan.checkpoint}.pt"
     if not path.exists():  # no best.pt when no validation epoch was non-degenerate: the weights evaluated
         path = path.with_name("latest.pt")
-    state = load_checkpoint(path)
-    meta = ModelMeta.from_dict(state["meta"])
-    net = build_network(meta)
-    load_model_state(net, state["model_state"], path)
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint.meta
+    net = checkpoint.build_network()
     net.eval()
     names = meta.channel_names or meta.modalities
     channels = [names.index(m) for m in meta.modalities]
-    with torch.no_grad():
-        net(torch.as_tensor(np.ascontiguousarray(image[None, channels]), dtype=torch.float32))
-    maps = {k: [m[0, 0].float().cpu().numpy() for m in v] for k, v in net.attention_maps.items()}
+    with torch.no_grad():  # the SA maps are the default side outputs of these models' forward_features
+        _logits, features = net.forward_features(
+            torch.as_tensor(np.ascontiguousarray(image[None, channels]), dtype=torch.float32))
+    maps = {k: [m[0, 0].float().cpu().numpy() for m in v] for k, v in attention_maps(features).items()}
     master, assistant = meta.modalities[0], meta.modalities[1] if len(meta.modalities) > 1 else "assistant"
     if model == "master_assistant":
         return {f"Proposed {master}": maps["master"],
@@ -707,13 +684,13 @@ def _attention_rows(plan: Plan, model: str, fold: int, image: np.ndarray) -> dic
     return {f"FuseUNet+SA {master}": maps["master"], f"FuseUNet+SA {assistant}": maps["assistant1"]}
 
 
-def make_figures(plan: Plan) -> list[Path]:
+def make_figures(plan: Plan, cache: Any = None) -> list[Path]:
     """Fig. 4 (overlays of every model on 3-4 validation slices) and Fig. 5 (SA maps), run 0, first fold."""
     from modalseg.evaluation.figures import plot_attention_maps, plot_overlays
     from modalseg.models.paper1 import PAPER1_TABLE1_ROWS
 
     fold = plan.eval_folds[0]
-    cache = _open_cache(plan, plan.models[0])
+    cache = cache if cache is not None else _open_cache(plan, plan.models[0])
     preds, data = {}, None
     for m in plan.models:
         d = _load_predictions(plan, m, 0, fold, cache)
@@ -756,7 +733,7 @@ def make_figures(plan: Plan) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
-    """Train/evaluate every (run, fold, model), reusing records; write Table 1 and Figs. 4-5."""
+    """Train/evaluate every (run, fold, model) through the shared runner (reusing records); Table 1, Figs. 4-5."""
     from modalseg.data.layouts import load_dataset
 
     t_start = time.perf_counter()
@@ -767,33 +744,20 @@ def run(args: argparse.Namespace) -> int:
     plan.output.mkdir(parents=True, exist_ok=True)
     if plan.overwrite:
         (plan.output / "splits.json").unlink(missing_ok=True)
-    splits = _splits(plan)
-    jobs = [(r, k, m) for r in range(plan.runs) for k in plan.eval_folds for m in plan.models]
+    cache = _open_cache(plan, plan.models[0])
+    experiment = Paper1(plan, _splits(plan, spec, cache))
+    keys = experiment.keys()
     print(f"paper1: {len(plan.models)} model(s) x {plan.runs} run(s) x {len(plan.eval_folds)} fold(s) of "
-          f"{plan.folds} = {len(jobs)} trainings on {spec.name}; {plan.epochs} epochs, image {plan.image_size}, "
+          f"{plan.folds} = {len(keys)} trainings on {spec.name}; {plan.epochs} epochs, image {plan.image_size}, "
           f"widths {2 * plan.half_width}/{plan.half_width}; output {plan.output}", flush=True)
-    records: list[dict] = []
-    trained = reused = 0
-    for n, (r, k, m) in enumerate(jobs, 1):
-        label = f"[{n}/{len(jobs)}]"
-        val = splits[k]["val"] if splits is not None else None
-        record = None if plan.overwrite else _load_record(_record_path(plan, m, r, k), plan, val)
-        if record is None:
-            record = _train_and_record(plan, m, r, k, label)
-            splits = splits or _splits(plan)
-            trained += 1
-            verb = f"trained in {record['train_seconds']:.1f} s"
-        else:
-            reused += 1
-            verb = "reused record"
-        dice = np.mean([s["dice"] for s in record["slices"]]) if record["slices"] else math.nan
-        print(f"paper1: {label} {m} run {r} fold {k}: {verb}; per-slice Dice {100 * dice:.1f}% "
-              f"on {len(record['slices'])} slice(s)", flush=True)
-        records.append(record)
+    runner = Runner(experiment, plan.output / "splits.json", experiment.splits, overwrite=plan.overwrite)
+    outcomes = runner.run(keys)
+    records = [o.record for o in outcomes]
+    trained = sum(not o.reused for o in outcomes)
     md, csv = write_table1(plan, records, time.perf_counter() - t_start, spec.name, trained)
-    print(f"paper1: {trained} trained, {reused} reused; table -> {md} and {csv}")
+    print(f"paper1: {trained} trained, {len(outcomes) - trained} reused; table -> {md} and {csv}")
     print(md.read_text(encoding="utf-8").split("\n\n**Paper 1 Table 1 as printed")[0])
-    for path in make_figures(plan):
+    for path in make_figures(plan, cache):
         print(f"paper1: figure -> {path}")
     print(f"paper1: done in {(time.perf_counter() - t_start) / 60:.1f} min; records in {plan.output / 'records'}")
     return 0

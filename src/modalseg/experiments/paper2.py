@@ -13,15 +13,18 @@ What this command does, per setting (in the paper's row order), run and fold:
    Dice + CE per modality + 0.5 x the setting's auxiliary loss, Eq. 5) for ``--iterations`` iterations. All
    settings share one patient split (``DIR/splits.json``, stratified by modality; fold 0 of 5 is the paper's
    80/20 split), one slice cache and the same seeds (run ``r`` uses seed ``--seed + r``);
-2. predicts the fold's validation slices with the **final** weights (``--checkpoint last``, default). The
-   paper has no separate validation set: its 20 % are the test set, so choosing ``best.pt`` by validation
-   Dice (``--checkpoint best``) selects on the test patients and is optimistic; it is offered for comparison;
+2. predicts the fold's validation slices with the **final** weights (``--checkpoint latest``, default; the
+   former spelling ``last`` is still accepted). The paper has no separate validation set: its 20 % are the
+   test set, so choosing ``best.pt`` by validation Dice (``--checkpoint best``) selects on the test patients
+   and is optimistic; it is offered for comparison;
 3. stacks each validation patient's slices of a modality into a volume and computes, per class, Dice and the
    Hausdorff distances in mm with the voxel spacing (slice thickness, processed in-plane pixel size) and, with
    the same MONAI call at spacing 1, in voxels (``hd_vox``, ``hd95_vox``);
 4. saves those per-patient records (``DIR/records/<setting>/run<r>_fold<k>.json``) with the slices for Fig. 6
-   (``..._fig.npz``). Records are reused on a later call with the same options (``--overwrite`` retrains);
-   a training killed half-way resumes from its ``latest.pt``.
+   (``..._fig.npz``). The grid, record reuse, the shared split and resume are the shared experiment runner's
+   (:mod:`modalseg.experiments.runner`, docs/experiments.md): records are reused on a later call with the same
+   options (``--overwrite`` retrains), a record of other options is refused, and a training killed half-way
+   resumes from its ``latest.pt``.
 
 Outputs: ``DIR/table_dice.{md,csv}`` (%), ``DIR/table_hd.{md,csv}`` and ``DIR/table_hd95.{md,csv}`` (mm, or
 voxels with ``--hd-units voxels``), rows = settings, columns = modality x class (+ the class average the paper
@@ -83,7 +86,6 @@ import argparse
 import dataclasses
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -93,6 +95,16 @@ from typing import Any
 import numpy as np
 
 from modalseg.errors import ConfigError, DataError
+from modalseg.experiments.runner import (
+    DEPRECATED_CHECKPOINTS,
+    Experiment,
+    Job,
+    Outcome,
+    Runner,
+    add_checkpoint_argument,
+    checkpoint_name,
+    grid,
+)
 
 HELP = "reproduce paper 2's Tables 1-3 (six unpaired settings), its Wilcoxon test and Fig. 6 on a dataset"
 
@@ -240,8 +252,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto = bf16 autocast on AMX CPUs and CUDA, else fp32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--checkpoint", choices=["last", "best"], default="last",
-                   help="weights evaluated: last (default) or best.pt by validation Dice (selects on test data)")
+    add_checkpoint_argument(p, help="weights evaluated: latest.pt, the final weights (default; 'last', the former "
+                                    "spelling, still works), or best.pt by validation Dice (selects on test data)")
     p.add_argument("--compare", type=_pair_arg, default=("csa", "ummkd"),
                    help="Wilcoxon signed-rank test of setting a against b (default csa,ummkd)")
     p.add_argument("--figure-slices", type=int, choices=[1, 2], default=1,
@@ -311,10 +323,10 @@ def _signature(args: argparse.Namespace, spec, setting: str, run: int, split: di
         "lr": args.lr,
         "seed": args.seed + run,
         "precision": args.precision,
-        "checkpoint": args.checkpoint,
+        "checkpoint": checkpoint_name(args.checkpoint),
         "split": {"train": list(split["train"]), "val": list(split["val"])},
     }
-    if args.checkpoint == "best":
+    if sig["checkpoint"] == "best":
         sig["eval_every"] = args.eval_every
     sig.update(_loss_options(args, setting))  # only non-default conventions: older records stay valid
     return sig
@@ -379,95 +391,125 @@ def _figure_slices(records: list[dict], target: np.ndarray, count: int = 2) -> l
     return chosen
 
 
-def _train_and_evaluate(
-    args: argparse.Namespace, setting: str, run: int, fold: int, run_out: Path, out: Path, sig: dict,
-    record_path: Path,
-) -> dict[str, Any]:
-    """Train one setting/run/fold (resuming a killed run), evaluate its validation patients, save records."""
-    from modalseg.training.checkpoint import load_checkpoint, load_model_state
-    from modalseg.training.engine import Trainer
-    from modalseg.training.evaluate import evaluate_predictions
-    from modalseg.utils.atomic import atomic_write, atomic_write_text
+def _record_path(out: Path, setting: str, run: int, fold: int) -> Path:
+    return out / "records" / setting / f"run{run}_fold{fold}.json"
 
-    fold_dir = run_out / f"fold_{fold}"
-    sig_path = fold_dir / "experiment_signature.json"
-    resume = False
-    if fold_dir.exists():
-        same = sig_path.exists() and json.loads(sig_path.read_text(encoding="utf-8")) == sig
-        if args.overwrite or not (fold_dir / "latest.pt").exists():
-            shutil.rmtree(fold_dir)
-        elif same:
-            resume = True
-        else:
-            raise ConfigError(
-                "holds a training with different options (or of unknown origin); pass --overwrite to retrain",
-                fold_dir,
-            )
-    shared = out / "splits.json"
-    if not (run_out / "splits.json").exists() or (run_out / "splits.json").read_bytes() != shared.read_bytes():
-        atomic_write_text(run_out / "splits.json", shared.read_text(encoding="utf-8"))
-    cfg = _train_config(args, setting, run, fold, run_out, out)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, resume=resume)
-    atomic_write_text(sig_path, json.dumps(sig, indent=2))
-    result = trainer.fit()
-    train_s = time.perf_counter() - t0
-    weights = "last"
-    if args.checkpoint == "best":
-        best = trainer.run_dir / "best.pt"
-        if best.exists():
-            load_model_state(trainer.network, load_checkpoint(best)["model_state"], best)
-            weights = "best"
-        else:
-            print(f"      no best.pt in {trainer.run_dir} (validation Dice never finite): using the last weights")
-    if args.recalibrate_bn:
-        recalibrate_bn(trainer)
-    class_names = list(trainer.meta.labels)
-    rows: list[dict] = []
-    figure: list[dict] = []
-    arrays: dict[str, np.ndarray] = {}
-    missing_modalities = []
-    predictions = trainer.predict_split("val")
-    for modality in trainer.meta.modalities:
-        if modality not in predictions:
-            missing_modalities.append(modality)
-            continue
-        split = predictions[modality]
-        pred, target, records, idx = split.pred, split.target, split.records, split.indices
-        per_patient, _per_slice = evaluate_predictions(pred, target, records, class_names)
-        voxels = voxel_distances(pred, target, records, class_names)
-        rows += [
-            m.as_dict(setting=DISPLAY[setting], setting_key=setting, run=run, fold=fold, modality=modality,
-                      patient_id=m.case_id, **voxels[(m.case_id, m.class_name)])
-            for m in per_patient
-        ]
-        for j, pos in enumerate(_figure_slices(records, target)):
-            key = f"fig{len(figure)}"
-            figure.append({"key": key, "modality": modality, "rank": j, "case_id": records[pos]["case_id"],
-                           "patient_id": records[pos]["patient_id"], "z": int(records[pos]["z"])})
-            arrays[f"{key}_image"] = np.asarray(trainer.cache.images[idx[pos], 0], dtype=np.float32)
-            arrays[f"{key}_gt"] = np.asarray(target[pos], dtype=np.uint8)
-            arrays[f"{key}_pred"] = np.asarray(pred[pos], dtype=np.uint8)
-    record = {
-        "signature": sig,
-        "setting": setting,
-        "run": run,
-        "fold": fold,
-        "train_seconds": round(train_s, 1),
-        "steps": result["steps"],
-        "best_val_dice": result["best_val_dice"],
-        "weights": weights,
-        "precision": trainer.precision.name,
-        "class_names": class_names,
-        "modalities": list(trainer.meta.modalities),
-        "modalities_without_validation": missing_modalities,
-        "per_patient": rows,
-        "figure": figure,
-    }
-    atomic_write(record_path.with_name(record_path.stem + "_fig.npz"), lambda fh: np.savez_compressed(fh, **arrays))
-    atomic_write_text(record_path, json.dumps(record, indent=1, default=_json_default))
-    del trainer
-    return record
+
+def _figure_path(record_path: Path) -> Path:
+    return record_path.with_name(record_path.stem + "_fig.npz")
+
+
+class Paper2(Experiment):
+    """Paper 2's grid (setting x run x fold) and what one run records, for the shared runner."""
+
+    name = "paper2"
+
+    def __init__(self, args: argparse.Namespace, spec: Any, splits: list[dict[str, list[str]]],
+                 folds: list[int]) -> None:
+        self.args = args
+        self.spec = spec
+        self.splits = splits
+        self.folds = folds
+        self.out = Path(args.output)
+        self.checkpoint = checkpoint_name(args.checkpoint)
+
+    def keys(self) -> list[dict[str, Any]]:
+        """The grid in the tables' row order: every fold of a run, every run of a setting."""
+        return grid(("setting", list(self.args.settings)), ("run", range(self.args.runs)), ("fold", self.folds))
+
+    def job(self, key: Mapping[str, Any]) -> Job:
+        setting, run, fold = key["setting"], key["run"], key["fold"]
+        path = _record_path(self.out, setting, run, fold)
+        sig = _signature(self.args, self.spec, setting, run, self.splits[fold])
+        return Job(key={"setting": setting, "run": run, "fold": fold}, options={"signature": sig}, record=path,
+                   run_root=self.out / "runs" / setting / f"run_{run}", fold=fold, companions=(_figure_path(path),))
+
+    def describe(self, key: Mapping[str, Any]) -> str:
+        return f"{DISPLAY[key['setting']]} run {key['run']} fold {key['fold']}"
+
+    def upgrade(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Records written before the one checkpoint vocabulary said ``last`` for the final weights."""
+        sig = record.get("signature")
+        if isinstance(sig, dict) and sig.get("checkpoint") in DEPRECATED_CHECKPOINTS:
+            record = {**record, "signature": {**sig, "checkpoint": DEPRECATED_CHECKPOINTS[sig["checkpoint"]]}}
+        if record.get("weights") in DEPRECATED_CHECKPOINTS:
+            record = {**record, "weights": DEPRECATED_CHECKPOINTS[record["weights"]]}
+        return record
+
+    def check_record(self, job: Job, record: dict[str, Any]) -> None:
+        if _units(self.args) == "voxels" and any(VOXEL_FIELDS["hd"] not in r for r in record["per_patient"]):
+            raise ConfigError("records were made before voxel distances were recorded (no hd_vox); pass "
+                              "--overwrite to retrain or use --hd-units mm", job.record)
+
+    def train_config(self, job: Job) -> Any:
+        return _train_config(self.args, job.key["setting"], job.key["run"], job.fold, job.run_root, self.out)
+
+    def training_note(self, job: Job) -> str:
+        return f"{self.args.iterations} iterations ({self.args.backbone})"
+
+    def summary(self, outcome: Outcome) -> str:
+        dice: dict[str, list[float]] = {}
+        for r in outcome.record["per_patient"]:
+            dice.setdefault(r["modality"], []).append(r["dice"])
+        line = "mean Dice (%) " + ", ".join(f"{m} {100 * np.mean(v):.1f}" for m, v in dice.items())
+        missing = outcome.record["modalities_without_validation"]
+        if missing:
+            line += f"; warning: no validation patients of {missing} in fold {outcome.job.fold}"
+        return line
+
+    def evaluate(self, job: Job, trainer: Any, summary: dict[str, Any], train_seconds: float,
+                 weights: Path) -> dict[str, Any]:
+        """Per-patient volume metrics of every modality's validation patients and the Fig. 6 slices."""
+        from modalseg.training.evaluate import evaluate_predictions
+        from modalseg.utils.atomic import atomic_write
+
+        setting, run, fold = job.key["setting"], job.key["run"], job.fold
+        if self.args.recalibrate_bn:
+            recalibrate_bn(trainer)
+        class_names = list(trainer.meta.labels)
+        rows: list[dict] = []
+        figure: list[dict] = []
+        arrays: dict[str, np.ndarray] = {}
+        missing_modalities = []
+        predictions = trainer.predict_split("val")
+        for modality in trainer.meta.modalities:
+            if modality not in predictions:
+                missing_modalities.append(modality)
+                continue
+            val = predictions[modality]
+            per_patient, _per_slice = evaluate_predictions(val.pred, val.target, val.records, class_names)
+            voxels = voxel_distances(val.pred, val.target, val.records, class_names)
+            rows += [
+                m.as_dict(setting=DISPLAY[setting], setting_key=setting, run=run, fold=fold, modality=modality,
+                          patient_id=m.case_id, **voxels[(m.case_id, m.class_name)])
+                for m in per_patient
+            ]
+            for j, pos in enumerate(_figure_slices(val.records, val.target)):
+                key = f"fig{len(figure)}"
+                rec = val.records[pos]
+                figure.append({"key": key, "modality": modality, "rank": j, "case_id": rec["case_id"],
+                               "patient_id": rec["patient_id"], "z": int(rec["z"])})
+                arrays[f"{key}_image"] = np.asarray(trainer.cache.images[val.indices[pos], 0], dtype=np.float32)
+                arrays[f"{key}_gt"] = np.asarray(val.target[pos], dtype=np.uint8)
+                arrays[f"{key}_pred"] = np.asarray(val.pred[pos], dtype=np.uint8)
+        record = {
+            "signature": job.options["signature"],
+            "setting": setting,
+            "run": run,
+            "fold": fold,
+            "train_seconds": round(train_seconds, 1),
+            "steps": summary["steps"],
+            "best_val_dice": summary["best_val_dice"],
+            "weights": "best" if weights.name == "best.pt" else "latest",
+            "precision": trainer.precision.name,
+            "class_names": class_names,
+            "modalities": list(trainer.meta.modalities),
+            "modalities_without_validation": missing_modalities,
+            "per_patient": rows,
+            "figure": figure,
+        }
+        atomic_write(_figure_path(job.record), lambda fh: np.savez_compressed(fh, **arrays))
+        return record
 
 
 def voxel_distances(
@@ -493,39 +535,20 @@ def voxel_distances(
     return out
 
 
-def recalibrate_bn(trainer) -> None:
-    """Re-estimate every BN layer's running statistics on the fold's training slices, dropout off
-    (:func:`modalseg.training.callbacks.recalibrate_batch_norm`). Off by default: paper 2 does not describe it."""
+def recalibrate_bn(trainer: Any) -> None:
+    """Re-estimate every BN layer's running mean/variance on the fold's training slices, dropout off.
+
+    Why: the dilated FCN applies dropout after every convolution and BN right after it, so during training
+    each BN's running variance is measured on dropout-perturbed activations; at inference dropout is off and
+    the activations have a smaller variance ("variance shift", Li et al., CVPR 2019). Over ~35 stacked layers
+    this can ruin eval-mode predictions while batch-statistics predictions are good. The pass
+    (:func:`modalseg.training.callbacks.recalibrate_batch_norm`: a cumulative average over all training slices,
+    per modality, so each MSBN set sees only its modality) uses training data only. It is off by default
+    because paper 2 does not describe it.
+    """
     from modalseg.training.callbacks import recalibrate_batch_norm
 
     recalibrate_batch_norm(trainer)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _load_record(path: Path, sig: dict) -> dict[str, Any] | None:
-    """The saved record if it matches ``sig``; None if absent; an error if it was made with other options."""
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot parse records ({exc}); delete the file or pass --overwrite", path) from None
-    theirs = record.get("signature", {}) if isinstance(record, dict) else {}
-    if theirs != sig:
-        diff = sorted(k for k in set(sig) | set(theirs) if sig.get(k) != theirs.get(k))
-        raise ConfigError(
-            f"records were made with different options ({', '.join(diff)}); pass --overwrite to retrain "
-            "or choose another --output",
-            path,
-        )
-    if not path.with_name(path.stem + "_fig.npz").exists():
-        return None
-    return record
 
 
 # ---------------------------------------------------------------------------------------------- reporting
@@ -659,7 +682,7 @@ def _patient_mean_dice(rows: list[dict], setting: str, modality: str) -> dict[st
 def _wilcoxon(rows: list[dict], settings: list[str], modalities: list[str], pair: tuple[str, str],
               out: Path) -> list[dict]:
     """Paper 2's patient-level Wilcoxon signed-rank test (reported p = 0.010 LGE, 0.048 bSSFP for CSA vs UMMKD)."""
-    from modalseg.evaluation.metrics import EvaluationError
+    from modalseg.errors import EvaluationError
     from modalseg.evaluation.stats import wilcoxon_test
     from modalseg.evaluation.tables import markdown_table, write_table
     from modalseg.utils.atomic import atomic_write_text
@@ -767,46 +790,21 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise ConfigError(f"--only-folds {bad} out of range for --folds {args.folds} (0..{args.folds - 1})")
     out.mkdir(parents=True, exist_ok=True)
-    splits = _shared_splits(out, spec, args.folds, args.seed)
+    experiment = Paper2(args, spec, _shared_splits(out, spec, args.folds, args.seed), folds)
     settings = list(args.settings)
-    total = len(settings) * args.runs * len(folds)
+    t_start = time.perf_counter()
+    runner = Runner(experiment, out / "splits.json", experiment.splits, overwrite=args.overwrite)
     all_rows: list[dict] = []
     fig_records: dict[str, dict] = {}
     timings: list[dict] = []
-    t_start = time.perf_counter()
-    k = 0
-    for setting in settings:
-        for run_i in range(args.runs):
-            run_out = out / "runs" / setting / f"run_{run_i}"
-            for fold in folds:
-                k += 1
-                sig = _signature(args, spec, setting, run_i, splits[fold])
-                record_path = out / "records" / setting / f"run{run_i}_fold{fold}.json"
-                label = f"[{k}/{total}] {DISPLAY[setting]} run {run_i} fold {fold}"
-                record = None if args.overwrite else _load_record(record_path, sig)
-                if record is None:
-                    print(f"{label}: training {args.iterations} iterations ({args.backbone}) ...", flush=True)
-                    record = _train_and_evaluate(args, setting, run_i, fold, run_out, out, sig, record_path)
-                    status = f"trained in {record['train_seconds']:.0f} s"
-                else:
-                    status = f"reusing {record_path}"
-                if _units(args) == "voxels" and any(VOXEL_FIELDS["hd"] not in r for r in record["per_patient"]):
-                    raise ConfigError("records were made before voxel distances were recorded (no hd_vox); pass "
-                                      "--overwrite to retrain or use --hd-units mm", record_path)
-                if record["modalities_without_validation"]:
-                    print(f"      warning: no validation patients of {record['modalities_without_validation']} "
-                          f"in fold {fold}")
-                dice = {}
-                for r in record["per_patient"]:
-                    dice.setdefault(r["modality"], []).append(r["dice"])
-                summary = ", ".join(f"{m} {100 * np.mean(v):.1f}" for m, v in dice.items())
-                print(f"{label}: {status}; mean Dice (%) {summary}", flush=True)
-                all_rows += record["per_patient"]
-                timings.append({"setting": DISPLAY[setting], "run": run_i, "fold": fold,
-                                "train_seconds": record["train_seconds"], "steps": record["steps"],
-                                "precision": record.get("precision")})
-                if run_i == 0 and fold == folds[0]:
-                    fig_records[setting] = {**record, "_path": str(record_path)}
+    for outcome in runner.run(experiment.keys()):
+        record, key = outcome.record, outcome.job.key
+        all_rows += record["per_patient"]
+        timings.append({"setting": DISPLAY[key["setting"]], "run": key["run"], "fold": key["fold"],
+                        "train_seconds": record["train_seconds"], "steps": record["steps"],
+                        "precision": record.get("precision")})
+        if key["run"] == 0 and key["fold"] == folds[0]:
+            fig_records[key["setting"]] = {**record, "_path": str(outcome.job.record)}
     if not all_rows:
         raise DataError("no validation patients were evaluated (empty folds?)", out / "splits.json")
     metric_cols = ["setting", "run", "fold", "modality", "patient_id", "class_name", "status", "dice", "hd",
