@@ -40,7 +40,9 @@ Dropout: the paper's text says "drop rate of 0.75", but the UMMKD code passes 0.
 
 ``spatial_dims=3`` builds the same network from 3D layers (3x3x3 kernels, 2x2x2 pools, an N-d x8 pixel shuffle,
 :class:`~modalseg.models.layers.PixelShuffleNd`). Beware its size: the shuffle needs ``8**3`` channels per
-output channel, so group10's conv is 8 times wider than in 2D (about 226M parameters at f=16, C=4).
+output channel, so group10's conv is 8 times wider than in 2D and 3x3x3: 226M parameters on its own at f=16, C=4,
+309,106,160 for the whole 3D network (docs/3d.md). Per-level kernel sizes and strides (anisotropic layouts) are
+refused: the three 2x pools and the x8 shuffle are the network.
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class DilatedFCN(nn.Module):
         negative_slope: LeakyReLU slope (0.2).
         shuffle_channels_per_class: channels per class after the pixel shuffle (8, giving 8*C).
         spatial_dims: 2 (paper 2's network) or 3 (see the module docstring).
+        kernel_sizes, strides: not supported (accepted only to refuse them in one line): the three 2x pools and
+            the x8 pixel shuffle are the network; for anisotropic volumes use the ``unet`` backbone.
     """
 
     def __init__(
@@ -137,8 +141,15 @@ class DilatedFCN(nn.Module):
         negative_slope: float = 0.2,
         shuffle_channels_per_class: int = 8,
         spatial_dims: int = 2,
+        kernel_sizes: Sequence[object] | None = None,
+        strides: Sequence[object] | None = None,
     ) -> None:
         super().__init__()
+        if kernel_sizes is not None or strides is not None:
+            raise ConfigError(
+                "dilated_fcn: kernel_sizes/strides are not supported (fixed 3x3 kernels, three 2x pools and an x8 "
+                "pixel shuffle); use the 'unet' backbone for anisotropic layouts"
+            )
         norm = _NORM_ALIASES.get(norm, norm) if isinstance(norm, str) else norm
         if norm not in layers.NORMS:
             raise ConfigError(f"dilated_fcn: norm must be one of {', '.join(layers.NORMS)} (or 'bn'), got {norm!r}")

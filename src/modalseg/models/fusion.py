@@ -35,6 +35,14 @@ detached maps grouped as :func:`attention_maps` does, unless ``model.record_atte
 
 ``spatial_dims=3`` (:class:`FusionConfig`) builds the same layouts from 3D layers (trilinear upsampling,
 3x3x3 kernels, SA maps ``(B, 1, d, h, w)``); every side needs ``2**depth`` voxels at least.
+
+Per-level ``kernel_sizes`` (one per encoder level, ``depth + 1``) and pooling ``strides`` (one per pooling,
+``depth``), each an int or one value per axis, give nnU-Net-style anisotropic layouts for thick-slice volumes:
+e.g. ``kernel_sizes=((1, 3, 3), (1, 3, 3), (3, 3, 3), ...)``, ``strides=((1, 2, 2), (1, 2, 2), (2, 2, 2), ...)``
+pools in-plane only until the in-plane spacing has caught up with the slice thickness
+(:mod:`modalseg.models.planning` chooses them). The decoder mirrors them (the up step of level k undoes
+pooling k; its convs use level k's kernel) and so do the SA blocks (:class:`~modalseg.models.blocks.SpatialAttention`).
+Without the options every level has the square kernel 3 and pooling 2 of the papers, built exactly as before.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from torch import nn
 from modalseg.errors import ConfigError
 from modalseg.models import layers
 from modalseg.models.blocks import ConvBlock, Norm, SpatialAttention, UpBlock
+from modalseg.models.layers import Size
 from modalseg.models.msbn import selected_modality
 
 __all__ = [
@@ -97,17 +106,25 @@ class EncoderStream(nn.Module):
         sa_dilation: int = 4,
         norm: Norm = "batch",
         spatial_dims: int = 2,
+        kernel_sizes: Sequence[Size] | None = None,
     ) -> None:
         super().__init__()
         if len(in_channels) != len(widths):
             raise ValueError("one input width per level is needed")
         self.widths = tuple(widths)
         d = spatial_dims
+        kernels: Sequence[Size] = [3] * len(widths) if kernel_sizes is None else kernel_sizes
+        if len(kernels) != len(widths):
+            raise ValueError("one kernel size per level is needed")
         self.blocks = nn.ModuleList(
-            ConvBlock(c, w, norm=norm, spatial_dims=d) for c, w in zip(in_channels, widths, strict=True)
+            ConvBlock(c, w, norm=norm, spatial_dims=d, kernel_size=k)
+            for c, w, k in zip(in_channels, widths, kernels, strict=True)
         )
         self.gates = (
-            nn.ModuleList(SpatialAttention(w, sa_reduction, sa_dilation, norm=norm, spatial_dims=d) for w in widths)
+            nn.ModuleList(
+                SpatialAttention(w, sa_reduction, sa_dilation, norm=norm, spatial_dims=d, kernel_size=k)
+                for w, k in zip(widths, kernels, strict=True)
+            )
             if attention
             else None
         )
@@ -150,7 +167,8 @@ class UNetDecoder(nn.Module):
     """U-Net decoder: one :class:`UpBlock` per skip (deep to shallow), then a Conv1x1 head to logits.
 
     ``skip_channels`` and ``widths`` are listed shallow to deep (``widths`` default to the skip widths,
-    as in U-Net). The softmax is left to the loss (paper 1 Eq. 1).
+    as in U-Net). The softmax is left to the loss (paper 1 Eq. 1). ``kernel_sizes`` and ``strides`` (shallow to
+    deep, one per skip level) are the encoder's kernel at that level and the pooling that left it.
     """
 
     def __init__(
@@ -162,15 +180,27 @@ class UNetDecoder(nn.Module):
         upsample: str = "bilinear",
         norm: Norm = "batch",
         spatial_dims: int = 2,
+        kernel_sizes: Sequence[Size] | None = None,
+        strides: Sequence[Size] | None = None,
     ) -> None:
         super().__init__()
         widths = tuple(skip_channels) if widths is None else tuple(widths)
         if len(widths) != len(skip_channels):
             raise ValueError("one decoder width per skip is needed")
+        n = len(skip_channels)
+        kernels: Sequence[Size] = [3] * n if kernel_sizes is None else kernel_sizes
+        scales: Sequence[Size] = [2] * n if strides is None else strides
+        if len(kernels) != n or len(scales) != n:
+            raise ValueError("one decoder kernel size and stride per skip is needed")
         ups = []
         cin = bottleneck_channels
-        for k in reversed(range(len(skip_channels))):
-            ups.append(UpBlock(cin, skip_channels[k], widths[k], mode=upsample, norm=norm, spatial_dims=spatial_dims))
+        for k in reversed(range(n)):
+            ups.append(
+                UpBlock(
+                    cin, skip_channels[k], widths[k], mode=upsample, norm=norm, spatial_dims=spatial_dims,
+                    kernel_size=kernels[k], scale=scales[k],
+                )
+            )
             cin = widths[k]
         self.ups = nn.ModuleList(ups)
         self.head = layers.conv(spatial_dims, cin, num_classes, 1)
@@ -189,6 +219,17 @@ class UNetDecoder(nn.Module):
             if j in keep:
                 kept[j] = x
         return self.head(x), kept
+
+
+def _per_level(
+    value: object, count: int, spatial_dims: int, what: str, name: str
+) -> tuple[tuple[int, ...], ...]:
+    """``count`` entries (an int or one int per axis each) as per-axis tuples; one-line ConfigError otherwise."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != count:
+        shown = len(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else repr(value)
+        unit = "one per pooling" if what == "strides" else "one per encoder level"
+        raise ConfigError(f"model {name}: {what} needs {count} entries ({unit}), got {shown}")
+    return tuple(layers.size_tuple(v, spatial_dims, f"model {name}: {what} entry") for v in value)
 
 
 _FUSIONS = ("none", "concat", "sum")
@@ -224,6 +265,9 @@ class FusionConfig:
         decoder_widths: decoder widths per skip level (default: the skip widths).
         sa_reduction, sa_dilation: SA block's r and d (paper 1: 16 and 4).
         spatial_dims: 2 (paper 1's networks) or 3 (the same layouts on volumes).
+        kernel_sizes: per encoder level (``depth + 1``), one int per axis each; ``None``: 3 everywhere.
+        strides: per pooling (``depth``), one int per axis each; ``None``: 2 everywhere (the papers').
+            Both are normalised to tuples of per-axis tuples when given (``None`` keeps the papers' layers).
     """
 
     num_modalities: int
@@ -243,10 +287,24 @@ class FusionConfig:
     sa_dilation: int = 4
     name: str = field(default="fusion_unet", compare=False)
     spatial_dims: int = 2
+    kernel_sizes: tuple[tuple[int, ...], ...] | None = None
+    strides: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
             return ConfigError(f"model {self.name}: {msg}")
+
+        layers.check_spatial_dims(self.spatial_dims, f"model {self.name}")
+        if self.kernel_sizes is not None:
+            kernels = _per_level(self.kernel_sizes, len(self.widths), self.spatial_dims, "kernel_sizes", self.name)
+            if any(k < 1 or k % 2 == 0 for ks in kernels for k in ks):
+                raise bad(f"kernel sizes must be odd and >= 1 (padding keeps the size), got {list(kernels)}")
+            object.__setattr__(self, "kernel_sizes", kernels)
+        if self.strides is not None:
+            strides = _per_level(self.strides, len(self.widths) - 1, self.spatial_dims, "strides", self.name)
+            if any(v < 1 for st in strides for v in st):
+                raise bad(f"strides must be >= 1, got {list(strides)}")
+            object.__setattr__(self, "strides", strides)
 
         for key, value, allowed in (
             ("fusion", self.fusion, _FUSIONS),
@@ -276,11 +334,29 @@ class FusionConfig:
                 raise bad(f"fuses a master with assistants and needs num_modalities >= 2, got {self.num_modalities}")
         if self.decoder_widths is not None and len(self.decoder_widths) != self.depth:
             raise bad(f"needs {self.depth} decoder widths, got {list(self.decoder_widths)}")
-        layers.check_spatial_dims(self.spatial_dims, f"model {self.name}")
 
     @property
     def depth(self) -> int:
         return len(self.widths) - 1
+
+    @property
+    def level_kernels(self) -> tuple[Size, ...]:
+        """The conv kernel of each level: the configured per-axis tuples, or the papers' int 3."""
+        return self.kernel_sizes if self.kernel_sizes is not None else (3,) * (self.depth + 1)
+
+    @property
+    def level_strides(self) -> tuple[Size, ...]:
+        """The pooling step after each level but the last: the configured per-axis tuples, or the papers' 2."""
+        return self.strides if self.strides is not None else (2,) * self.depth
+
+    @property
+    def min_shape(self) -> tuple[int, ...]:
+        """Per axis, the product of its pooling steps: the smallest side that reaches the bottleneck with one voxel."""
+        total = [1] * self.spatial_dims
+        for step in self.level_strides:
+            for a, v in enumerate(layers.size_tuple(step, self.spatial_dims)):
+                total[a] *= v
+        return tuple(total)
 
     @property
     def num_assistants(self) -> int:
@@ -309,13 +385,20 @@ class FusionUNet(nn.Module):
         stream_in = cfg.in_channels * (cfg.num_modalities if cfg.stack_inputs else 1)
         master_in = [stream_in] + [fused[k] if cfg.fuse_into_master else widths[k] for k in range(cfg.depth)]
         assistant_in = [stream_in] + list(widths[:-1])
-        sa_kw = dict(sa_reduction=cfg.sa_reduction, sa_dilation=cfg.sa_dilation, norm=norm, spatial_dims=d)
+        sa_kw = dict(
+            sa_reduction=cfg.sa_reduction, sa_dilation=cfg.sa_dilation, norm=norm, spatial_dims=d,
+            kernel_sizes=cfg.kernel_sizes,
+        )
         self.master = EncoderStream(master_in, widths, attention=cfg.attention != "none", **sa_kw)
         self.assistants = nn.ModuleList(
             EncoderStream(assistant_in, widths, attention=cfg.attention == "per_stream", **sa_kw)
             for _ in range(n_assist)
         )
         self.pool = layers.max_pool(d, 2)
+        # Per-level poolings only when strides are configured (parameter-free: the state dict is the same).
+        self.pools: nn.ModuleList | None = (
+            nn.ModuleList(layers.max_pool(d, s, s) for s in cfg.strides) if cfg.strides is not None else None
+        )
         self.sum = Fusion("sum")
         skip_in = fused[:-1] if cfg.skip_source == "fused" else list(widths[:-1])
         bottleneck_in = fused[-1] if cfg.bottleneck == "fused" else widths[-1]
@@ -327,6 +410,8 @@ class FusionUNet(nn.Module):
             upsample=cfg.upsample,
             norm=norm,
             spatial_dims=d,
+            kernel_sizes=cfg.kernel_sizes[:-1] if cfg.kernel_sizes is not None else None,
+            strides=cfg.strides,
         )
         self.record_attention = True
         self.attention_maps: dict[str, list[torch.Tensor]] = {}
@@ -338,8 +423,14 @@ class FusionUNet(nn.Module):
     @property
     def min_size(self) -> int:
         """Sides smaller than this (one pixel at the deepest level) cannot pass the encoder's poolings; other
-        sides need not be multiples of it (the decoder sizes each upsampling to its skip)."""
-        return 2**self.config.depth
+        sides need not be multiples of it (the decoder sizes each upsampling to its skip). With per-axis
+        ``strides`` it is the largest of :attr:`min_shape` (a 3D inferer should use :attr:`min_shape`)."""
+        return max(self.config.min_shape) if self.config.strides is not None else 2**self.config.depth
+
+    @property
+    def min_shape(self) -> tuple[int, ...]:
+        """Per spatial axis, the smallest side (the product of that axis's pooling steps)."""
+        return self.config.min_shape
 
     @property
     def gate_names(self) -> tuple[str, ...]:
@@ -363,6 +454,13 @@ class FusionUNet(nn.Module):
         names += self.gate_names
         names += [f"decoder.ups.{j}" for j in range(len(self.decoder.ups))]
         return tuple(names)
+
+    @property
+    def affinity_layers(self) -> tuple[str, ...]:
+        """Paper 2's affinity pair when this U-Net is the unpaired backbone, for its depth: the last encoder block
+        before the bottleneck and the first decoder step, both at the same resolution (the ``unet`` card's
+        ``("master.blocks.3", "decoder.ups.0")`` at depth 4)."""
+        return (f"master.blocks.{self.config.depth - 1}", "decoder.ups.0")
 
     @property
     def default_features(self) -> tuple[str, ...]:
@@ -443,8 +541,9 @@ class FusionUNet(nn.Module):
                 into_master = cfg.fuse_into_master and n_assist > 0
                 y = self.fusion([gm, *ga]) if (into_master or fused_skips) else gm
                 skips.append(y if fused_skips else gm)
-                m_in = self.pool(y if into_master else gm)
-                a_in = [self.pool(g) for g in (ga if cfg.assistant_from_sa else fa)]
+                pool = self.pool if self.pools is None else self.pools[k]
+                m_in = pool(y if into_master else gm)
+                a_in = [pool(g) for g in (ga if cfg.assistant_from_sa else fa)]
         if not n_assist or cfg.bottleneck == "master":
             bottleneck = gm
         elif cfg.bottleneck == "fused":

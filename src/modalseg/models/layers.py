@@ -22,7 +22,7 @@ caller's business). Layers that have no meaning in some dimension are refused wi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ __all__ = [
     "conv",
     "conv_transpose",
     "dropout",
+    "Size",
     "interpolation_mode",
     "layer_type",
     "max_pool",
@@ -49,6 +50,8 @@ __all__ = [
     "pad_channels",
     "pixel_shuffle",
     "pixel_shuffle_nd",
+    "same_padding",
+    "size_tuple",
     "upsample",
 ]
 
@@ -58,6 +61,9 @@ SPATIAL_DIMS: tuple[int, ...] = (2, 3)
 NORMS: tuple[str, ...] = ("batch", "instance", "group", "msbn", "none")
 
 NormFactory = Callable[[int], nn.Module]
+#: A kernel size, stride, padding or dilation: one int for every axis (the papers' square kernels) or one per axis
+#: (anisotropic 3D kernels such as ``(1, 3, 3)``: no mixing across thick slices).
+Size = int | Sequence[int]
 
 _TYPES: dict[str, dict[int, type[nn.Module]]] = {
     "conv": {2: nn.Conv2d, 3: nn.Conv3d},
@@ -88,28 +94,68 @@ def layer_type(kind: str, spatial_dims: int) -> type[nn.Module]:
     return _TYPES[kind][check_spatial_dims(spatial_dims, f"layer {kind}")]
 
 
+def size_tuple(value: Size, spatial_dims: int, what: str = "size") -> tuple[int, ...]:
+    """``value`` as one int per axis (an int is repeated); :class:`ConfigError` for a wrong length or a non-int."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be an integer or one integer per axis, got {value!r}")
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    items = tuple(value)
+    if len(items) != spatial_dims or any(isinstance(v, bool) or not isinstance(v, int) for v in items):
+        raise ConfigError(f"{what} must be an integer or {spatial_dims} integers (one per axis), got {value!r}")
+    return items
+
+
+def _plain(value: Size) -> int | tuple[int, ...]:
+    """An int stays an int (2D layers keep their exact constructor arguments), a sequence becomes a tuple."""
+    return value if isinstance(value, int) else tuple(value)
+
+
+def same_padding(kernel_size: Size, dilation: Size = 1) -> int | tuple[int, ...]:
+    """The padding that keeps the size for odd kernels: ``dilation * (k - 1) / 2`` per axis (an int for int inputs)."""
+    if isinstance(kernel_size, int) and isinstance(dilation, int):
+        return dilation * (kernel_size - 1) // 2
+    n = len(kernel_size) if not isinstance(kernel_size, int) else len(dilation)  # type: ignore[arg-type]
+    ks, ds = size_tuple(kernel_size, n, "kernel_size"), size_tuple(dilation, n, "dilation")
+    return tuple(d * (k - 1) // 2 for k, d in zip(ks, ds, strict=True))
+
+
 def conv(
     spatial_dims: int,
     in_channels: int,
     out_channels: int,
-    kernel_size: int = 3,
+    kernel_size: Size = 3,
     *,
-    stride: int = 1,
-    padding: int = 0,
-    dilation: int = 1,
+    stride: Size = 1,
+    padding: Size = 0,
+    dilation: Size = 1,
     bias: bool = True,
 ) -> nn.Module:
-    """``nn.Conv{2,3}d`` with a cubic kernel (the papers' kernels are all square)."""
+    """``nn.Conv{2,3}d``: a cubic kernel for an int (the papers' kernels), or one size per axis (``(1, 3, 3)``)."""
     cls = layer_type("conv", spatial_dims)
-    return cls(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    return cls(
+        in_channels,
+        out_channels,
+        _plain(kernel_size),
+        stride=_plain(stride),
+        padding=_plain(padding),
+        dilation=_plain(dilation),
+        bias=bias,
+    )
 
 
 def conv_transpose(
-    spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int = 2, *, stride: int = 2, bias: bool = True
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: Size = 2,
+    *,
+    stride: Size = 2,
+    bias: bool = True,
 ) -> nn.Module:
-    """``nn.ConvTranspose{2,3}d`` (FuseOriginUNet's 2x2 stride-2 upsampling by default)."""
+    """``nn.ConvTranspose{2,3}d`` (FuseOriginUNet's 2x2 stride-2 upsampling by default; per-axis sizes allowed)."""
     cls = layer_type("conv_transpose", spatial_dims)
-    return cls(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
+    return cls(in_channels, out_channels, _plain(kernel_size), stride=_plain(stride), bias=bias)
 
 
 def _group_count(channels: int) -> int:
@@ -154,10 +200,11 @@ def norm_layer(
 
 
 def max_pool(
-    spatial_dims: int, kernel_size: int = 2, stride: int | None = None, *, return_indices: bool = False
+    spatial_dims: int, kernel_size: Size = 2, stride: Size | None = None, *, return_indices: bool = False
 ) -> nn.Module:
-    """``nn.MaxPool{2,3}d`` (``return_indices=True`` for SegNet/FuseNet unpooling)."""
-    return layer_type("max_pool", spatial_dims)(kernel_size, stride, return_indices=return_indices)
+    """``nn.MaxPool{2,3}d`` (``return_indices=True`` for SegNet/FuseNet unpooling); ``(1, 2, 2)``: in-plane only."""
+    step = None if stride is None else _plain(stride)
+    return layer_type("max_pool", spatial_dims)(_plain(kernel_size), step, return_indices=return_indices)
 
 
 def max_unpool(spatial_dims: int, kernel_size: int = 2, stride: int | None = None) -> nn.Module:

@@ -13,6 +13,11 @@ keyword options (:data:`PAPER1_OPTIONS`):
 - ``norm``: a name of :data:`modalseg.models.layers.NORMS` ("batch" default, "instance", "group", "msbn",
   "none") or a factory ``channels -> nn.Module``; ``norm_sets``: BN sets of "msbn" (default 2).
 - ``spatial_dims``: 2 (default, the paper's networks) or 3.
+- ``kernel_sizes`` (one per encoder level, ``depth + 1``) and ``strides`` (one per pooling, ``depth``): per-level
+  conv kernels and pooling steps, each an int or one int per axis (``[[1, 3, 3], [3, 3, 3], ...]``,
+  ``[[1, 2, 2], [2, 2, 2], ...]``) for anisotropic volumes; ``depth`` follows ``len(strides)`` when not given.
+  Default ``None``: the papers' 3 and 2 everywhere (the 2D networks are unchanged). U-Net family only: FuseNet
+  (fixed VGG/SegNet pooling with indices) refuses them with a ConfigError.
 
 Options that a model does not use (e.g. ``sa_reduction`` for FuseUNet) are accepted and ignored, so one
 ``model_options`` mapping can serve a whole Table 1 sweep; unknown names raise :class:`ConfigError`.
@@ -55,6 +60,8 @@ PAPER1_OPTIONS = (
     "norm",
     "norm_sets",
     "spatial_dims",
+    "kernel_sizes",
+    "strides",
 )
 
 
@@ -69,15 +76,23 @@ def _options(model: str, options: dict[str, Any], base_width: int) -> dict[str, 
     if unknown:
         known = ", ".join(PAPER1_OPTIONS)
         raise ConfigError(f"model {model}: unknown option(s) {', '.join(unknown)}; known: {known}")
+    strides, kernels = options.get("strides"), options.get("kernel_sizes")
+    default_depth = 4
+    if strides is not None and isinstance(strides, (list, tuple)):
+        default_depth = len(strides)
+    elif kernels is not None and isinstance(kernels, (list, tuple)):
+        default_depth = len(kernels) - 1
     out = {
         "base_width": _int_option("base_width", model, options.get("base_width", base_width)),
-        "depth": _int_option("depth", model, options.get("depth", 4)),
+        "depth": _int_option("depth", model, options.get("depth", default_depth)),
         "sa_reduction": _int_option("sa_reduction", model, options.get("sa_reduction", 16)),
         "sa_dilation": _int_option("sa_dilation", model, options.get("sa_dilation", 4)),
         "assistant_from_sa": options.get("assistant_from_sa", True),
         "norm": options.get("norm", "batch"),
         "norm_sets": _int_option("norm_sets", model, options.get("norm_sets", 2)),
         "spatial_dims": layers.check_spatial_dims(options.get("spatial_dims", 2), f"model {model}"),
+        "kernel_sizes": _levels(kernels),
+        "strides": _levels(strides),
     }
     if not isinstance(out["assistant_from_sa"], bool):
         raise ConfigError(f"model {model}: option assistant_from_sa must be true or false")
@@ -88,6 +103,13 @@ def _options(model: str, options: dict[str, Any], base_width: int) -> dict[str, 
     elif not callable(out["norm"]):
         raise ConfigError(f"model {model}: option norm must be a name or a callable channels -> module")
     return out
+
+
+def _levels(value: Any) -> Any:
+    """Lists (from YAML/JSON configs) as tuples, so that the frozen FusionConfig stays hashable; checked there."""
+    if isinstance(value, list | tuple):
+        return tuple(tuple(v) if isinstance(v, list | tuple) else v for v in value)
+    return value
 
 
 #: 2D factories of the config-file ``norm`` names (kept for old callers; models take the names themselves).
@@ -154,6 +176,8 @@ def _fusion_builder(card: ModelCard, **layout: Any) -> Callable[..., FusionUNet]
             sa_dilation=opts["sa_dilation"],
             name=name,
             spatial_dims=opts["spatial_dims"],
+            kernel_sizes=opts["kernel_sizes"],
+            strides=opts["strides"],
             **layout,
         )
         return FusionUNet(config, norm=opts["norm"], norm_sets=opts["norm_sets"])
@@ -248,6 +272,11 @@ def _fusenet_builder(card: ModelCard, fusion: str) -> Callable[..., FuseNet]:
         opts = _options(name, options, card.default_width)
         if "depth" in options and opts["depth"] != 5:
             raise ConfigError(f"model {name}: the VGG16 encoder has 5 stages; depth must be 5, got {opts['depth']}")
+        if opts["kernel_sizes"] is not None or opts["strides"] is not None:
+            raise ConfigError(
+                f"model {name}: kernel_sizes/strides are not supported (fixed VGG16 stages and SegNet unpooling); "
+                "use a U-Net-family model (e.g. fuse_unet, master_assistant) for anisotropic layouts"
+            )
         return FuseNet(
             num_modalities=n,
             in_channels=_int_option("in_channels", name, in_channels),

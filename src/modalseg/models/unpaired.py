@@ -83,7 +83,8 @@ class UnpairedSegmenter(nn.Module):
         feature_layers: names of the backbone's features (its ``feature_names``: module paths such as
             ``group5`` or ``master.blocks.3``) that :meth:`forward_features` returns; default: the card's
             ``affinity_layers`` (``("group5", "group6")`` for ``dilated_fcn``, ``("master.blocks.3",
-            "decoder.ups.0")`` for ``unet``); must be given for other backbones (an empty tuple: no features).
+            "decoder.ups.0")`` for ``unet``, ``master.blocks.{depth - 1}`` when it is built with another depth);
+            must be given for other backbones (an empty tuple: no features).
             The affinity losses use every consecutive pair (:func:`feature_pairs`), so two or more distinct
             names (checked by the loss, so that checkpoints stay loadable).
         **backbone_options: passed to the backbone builder (e.g. ``width``, ``dropout``, ``base_width``). The
@@ -117,6 +118,7 @@ class UnpairedSegmenter(nn.Module):
         self.setting = setting
         self.num_classes = num_classes
         self.in_channels = in_channels
+        default_layers = feature_layers is None
         if feature_layers is None:
             feature_layers = model_card(backbone_name).affinity_layers
         self.feature_layers = tuple(feature_layers)
@@ -132,6 +134,10 @@ class UnpairedSegmenter(nn.Module):
         self.networks = nn.ModuleList(nets)
 
         net = self.networks[0]
+        depth_aware = getattr(net, "affinity_layers", None)
+        if default_layers and self.feature_layers and depth_aware:
+            # the card's pair is for the default depth 4; a shallower or deeper U-Net (a 3D plan) has its own
+            self.feature_layers = tuple(depth_aware)
         if not callable(getattr(net, "forward_features", None)):
             raise ConfigError(f"backbone {backbone_name!r} has no forward_features (it cannot give features)")
         known = tuple(getattr(net, "feature_names", ()))
@@ -190,6 +196,12 @@ class UnpairedSegmenter(nn.Module):
     def min_size(self) -> int:
         """The backbone's smallest input side."""
         return max(int(getattr(net, "min_size", 1)) for net in self.networks)
+
+    @property
+    def min_shape(self) -> tuple[int, ...] | None:
+        """The backbone's smallest side per axis (U-Net backbones with per-axis ``strides``), else ``None``."""
+        shape = getattr(self.networks[0], "min_shape", None)
+        return tuple(int(s) for s in shape) if shape is not None else None
 
     def modality_index(self, modality: int | str) -> int:
         """Index of a modality given by index or name."""

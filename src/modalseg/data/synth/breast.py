@@ -163,6 +163,73 @@ def _draw_mass(
     return label, member, info
 
 
+def render_breast(
+    rng: np.random.Generator,
+    tissues: dict[str, np.ndarray],
+    difficulty: float,
+    *,
+    tex_sigma: tuple[float, float, float],
+    psf_sigma: tuple[float, float, float],
+) -> dict[str, np.ndarray]:
+    """T1C and T2W images of one case from its tissue maps (the module docstring's contrasts), float32.
+
+    Shared by the 2D-slice generator and the 3D one (``breast3d``), so both show the same appearance; the
+    draws are made in a fixed order (keep it: it fixes the bytes of every dataset). ``tex_sigma`` (gland
+    texture) and ``psf_sigma`` (point-spread function) are in voxels per axis.
+    """
+    d = float(difficulty)
+    shape = tissues["gland"].shape
+    breasts, thorax, inner = tissues["breasts"], tissues["thorax"], tissues["inner"]
+    lungs, heart, gland, bpe = tissues["lungs"], tissues["heart"], tissues["gland"], tissues["bpe"]
+    cysts, vessels, mass_member, mass_t1_gain = tissues["cysts"], tissues["vessels"], tissues["mass"], tissues[
+        "mass_t1_gain"
+    ]
+    jitter = lambda: rng.uniform(0.9, 1.1)  # noqa: E731  per-patient tissue intensity variation
+    # ---- tissue intensities (fractions of INTENSITY_SCALE), difficulty-controlled contrasts ----
+    conspicuity = float(np.clip(1.15 - 0.2 * d, 0.45, 1.2))
+    distractor = float(np.clip(0.8 + 0.2 * d, 0.5, 1.4))
+    gland_t1, gland_t2 = 0.3 * jitter(), 0.45 * jitter()
+    mass_t1 = gland_t1 + rng.uniform(0.55, 0.75) * conspicuity
+    mass_t2 = gland_t2 * (1.0 + rng.choice([-1.0, 1.0]) * rng.uniform(0.04, 0.14) * conspicuity)
+    bpe_t1 = gland_t1 + rng.uniform(0.45, 0.7) * distractor
+    gland_tex = 1.0 + 0.07 * smooth_noise(rng, shape, tex_sigma)
+    body = (breasts | thorax).astype(np.float64)
+    t1_layers = [
+        (body, 0.12 * jitter() * gland_tex),  # fat (fat-suppressed)
+        (thorax * 1.0, 0.27 * jitter()),  # chest wall muscle
+        (inner * 1.0, 0.2 * jitter()),  # mediastinum
+        (lungs * 1.0, 0.03),
+        (heart * 1.0, 1.0 * distractor * jitter() * gland_tex),
+        (gland, gland_t1 * gland_tex),
+        (bpe, bpe_t1 * gland_tex),
+        (cysts, 0.08),
+        (vessels, 0.95 * distractor * jitter()),
+        (mass_member, mass_t1 * mass_t1_gain),
+    ]
+    t2_layers = [
+        (body, 0.15 * jitter() * gland_tex),
+        (thorax * 1.0, 0.22 * jitter()),
+        (inner * 1.0, 0.3 * jitter()),
+        (lungs * 1.0, 0.03),
+        (heart * 1.0, 1.0 * jitter() * gland_tex),
+        (gland, gland_t2 * gland_tex),
+        (bpe, (gland_t2 + rng.uniform(0.3, 0.42)) * gland_tex),
+        (cysts, 1.15 * jitter()),
+        (vessels, 1.0 * jitter()),
+        (mass_member, mass_t2 * gland_tex),
+    ]
+    noise_sigma = 0.015 + 0.02 * d
+    images = {}
+    for name, layers, amp in (("T1C", t1_layers, 0.2), ("T2W", t2_layers, 0.25)):
+        clean = _composite(layers, shape)
+        clean = ndimage.gaussian_filter(clean, sigma=psf_sigma)  # point-spread function
+        clean *= bias_field(rng, shape, amp)
+        noisy = rician(rng, clean, noise_sigma)
+        images[name] = (noisy * INTENSITY_SCALE).astype(np.float32)
+
+    return images
+
+
 def synth_breast_case(
     seed: int, index: int, *, slices: int = 6, size: int = 128, difficulty: float = 1.0
 ) -> SynthCase:
@@ -177,7 +244,6 @@ def synth_breast_case(
     t = np.linspace(-1.0, 1.0, S)[None, None, :] if S > 1 else np.zeros((1, 1, 1))
 
     spacing = (rng.uniform(0.6, 0.8),) * 2 + (rng.uniform(1.0, 2.0),)
-    jitter = lambda: rng.uniform(0.9, 1.1)  # noqa: E731  per-patient tissue intensity variation
 
     # ---- anatomy: thorax at the posterior side, two prone breasts hanging anteriorly ----
     vc = rng.uniform(-0.6, -0.45)  # chest wall
@@ -315,47 +381,11 @@ def synth_breast_case(
     vessels = _sigmoid((vessel_r - vdist) / 0.35) * (breasts | thorax)
     vessels *= 1.0 - (label | (cysts > 0.5))  # a vessel does not run through a mass or a cyst
 
-    # ---- tissue intensities (fractions of INTENSITY_SCALE), difficulty-controlled contrasts ----
-    conspicuity = float(np.clip(1.15 - 0.2 * d, 0.45, 1.2))
-    distractor = float(np.clip(0.8 + 0.2 * d, 0.5, 1.4))
-    gland_t1, gland_t2 = 0.3 * jitter(), 0.45 * jitter()
-    mass_t1 = gland_t1 + rng.uniform(0.55, 0.75) * conspicuity
-    mass_t2 = gland_t2 * (1.0 + rng.choice([-1.0, 1.0]) * rng.uniform(0.04, 0.14) * conspicuity)
-    bpe_t1 = gland_t1 + rng.uniform(0.45, 0.7) * distractor
-    gland_tex = 1.0 + 0.07 * smooth_noise(rng, shape, (0.8, 0.8, 0.5))
-    body = (breasts | thorax).astype(np.float64)
-    t1_layers = [
-        (body, 0.12 * jitter() * gland_tex),  # fat (fat-suppressed)
-        (thorax * 1.0, 0.27 * jitter()),  # chest wall muscle
-        (inner * 1.0, 0.2 * jitter()),  # mediastinum
-        (lungs * 1.0, 0.03),
-        (heart * 1.0, 1.0 * distractor * jitter() * gland_tex),
-        (gland, gland_t1 * gland_tex),
-        (bpe, bpe_t1 * gland_tex),
-        (cysts, 0.08),
-        (vessels, 0.95 * distractor * jitter()),
-        (mass_member, mass_t1 * mass_t1_gain),
-    ]
-    t2_layers = [
-        (body, 0.15 * jitter() * gland_tex),
-        (thorax * 1.0, 0.22 * jitter()),
-        (inner * 1.0, 0.3 * jitter()),
-        (lungs * 1.0, 0.03),
-        (heart * 1.0, 1.0 * jitter() * gland_tex),
-        (gland, gland_t2 * gland_tex),
-        (bpe, (gland_t2 + rng.uniform(0.3, 0.42)) * gland_tex),
-        (cysts, 1.15 * jitter()),
-        (vessels, 1.0 * jitter()),
-        (mass_member, mass_t2 * gland_tex),
-    ]
-    noise_sigma = 0.015 + 0.02 * d
-    images = {}
-    for name, layers, amp in (("T1C", t1_layers, 0.2), ("T2W", t2_layers, 0.25)):
-        clean = _composite(layers, shape)
-        clean = ndimage.gaussian_filter(clean, sigma=(0.5, 0.5, 0.0))  # point-spread function
-        clean *= bias_field(rng, shape, amp)
-        noisy = rician(rng, clean, noise_sigma)
-        images[name] = (noisy * INTENSITY_SCALE).astype(np.float32)
+    tissues = {
+        "breasts": breasts, "thorax": thorax, "inner": inner, "lungs": lungs, "heart": heart, "gland": gland,
+        "bpe": bpe, "cysts": cysts, "vessels": vessels, "mass": mass_member, "mass_t1_gain": mass_t1_gain,
+    }
+    images = render_breast(rng, tissues, d, tex_sigma=(0.8, 0.8, 0.5), psf_sigma=(0.5, 0.5, 0.0))
 
     lab = label.astype(np.uint8)
     info = {

@@ -210,11 +210,21 @@ def _render(
     m: dict[str, np.ndarray],
     difficulty: float,
     modality_gap: float = 1.0,
+    z_scale: float | None = None,
 ) -> np.ndarray:
-    """Map tissue classes to modality-specific intensities and add the modality's texture and noise."""
+    """Map tissue classes to modality-specific intensities and add the modality's texture and noise.
+
+    ``z_scale`` (3D volumes, ``cardiac3d``): the in-plane voxel size over the slice thickness; every smoothing
+    then also acts across slices with the in-plane width in mm. ``None`` (the slice generator): as before, no
+    smoothing across slices beyond the texture's fixed widths (keep: it fixes the bytes of every dataset).
+    """
     shape = m["LV"].shape
     n = shape[0]
     d = float(difficulty)
+
+    def across(in_plane: float, default: float) -> float:
+        return default if z_scale is None else in_plane * z_scale
+
     # One draw per tissue, in table order (the order fixes the random stream: keep it).
     ranges = CT_TISSUE_RANGES if modality == "CT" else MR_TISSUE_RANGES
     tissues = {"air": -1000.0 if modality == "CT" else 0.0}
@@ -239,17 +249,17 @@ def _render(
     blood = m["LV"] | m["RV"] | m["aorta"]
     if modality == "CT":
         # lung parenchyma with small vessels; fine-grain, slightly correlated quantum noise
-        lung_tex = smooth_noise(rng, shape, (0.7, 0.7, 0.3))
+        lung_tex = smooth_noise(rng, shape, (0.7, 0.7, across(0.7, 0.3)))
         img = np.where(m["lungs"], img + 60.0 * np.clip(lung_tex - 1.2, 0, None) * 4 + 15 * lung_tex, img)
-        img = ndimage.gaussian_filter(img, sigma=(0.6, 0.6, 0.0))
-        grain = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=(0.5, 0.5, 0.0))
+        img = ndimage.gaussian_filter(img, sigma=(0.6, 0.6, across(0.6, 0.0)))
+        grain = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=(0.5, 0.5, across(0.5, 0.0)))
         grain /= grain.std() + 1e-12
         img = img + (10.0 + 12.0 * d) * grain
         return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
     # MR: flow inhomogeneity in the blood pool, smoother image, coil shading, Rician noise
-    flow = smooth_noise(rng, shape, (0.08 * n, 0.08 * n, 1.0))
+    flow = smooth_noise(rng, shape, (0.08 * n, 0.08 * n, across(0.08 * n, 1.0)))
     img = np.where(blood, img * (1.0 + 0.08 * flow), img)
-    img = ndimage.gaussian_filter(img, sigma=(0.9, 0.9, 0.0))
+    img = ndimage.gaussian_filter(img, sigma=(0.9, 0.9, across(0.9, 0.0)))
     img *= bias_field(rng, shape, 0.25 + 0.1 * d)
     img = rician(rng, img, 0.015 + 0.02 * d)
     return (img * 1000.0).astype(np.float32)
@@ -302,6 +312,28 @@ def _check_modality(name: str) -> str:
     return key
 
 
+def modality_counts(
+    modalities: tuple[str, ...] | list[str], default: int, per_modality: Mapping[str, int] | None
+) -> dict[str, int]:
+    """Subjects per modality (in ``modalities`` order): ``default``, overridden by ``per_modality``; checked."""
+    mods = [_check_modality(mod) for mod in modalities]
+    if not mods or len(set(mods)) != len(mods):
+        raise ConfigError(f"cardiac modalities must be distinct and non-empty, got {list(modalities)}")
+    counts = {mod: int(default) for mod in mods}
+    for name, value in (per_modality or {}).items():
+        mod = _check_modality(name)
+        if mod not in counts:
+            raise ConfigError(f"patients_per_modality names {name!r}, which is not among the modalities {mods}")
+        try:
+            ok = not isinstance(value, bool) and int(value) == value and int(value) >= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"patients_per_modality[{name!r}] must be a positive integer, got {value!r}")
+        counts[mod] = int(value)
+    return counts
+
+
 def make_cardiac_dataset(
     out_dir: str | Path,
     *,
@@ -331,22 +363,9 @@ def make_cardiac_dataset(
     check_params(
         num_patients=num_patients_per_modality, slices=slices, size=size, seed=seed, difficulty=difficulty
     )
-    mods = [_check_modality(mod) for mod in modalities]
-    if not mods or len(set(mods)) != len(mods):
-        raise ConfigError(f"cardiac modalities must be distinct and non-empty, got {list(modalities)}")
+    counts = modality_counts(modalities, num_patients_per_modality, patients_per_modality)
+    mods = list(counts)
     gap = _check_gap(modality_gap)
-    counts = {mod: int(num_patients_per_modality) for mod in mods}
-    for name, value in (patients_per_modality or {}).items():
-        mod = _check_modality(name)
-        if mod not in counts:
-            raise ConfigError(f"patients_per_modality names {name!r}, which is not among the modalities {mods}")
-        try:
-            ok = not isinstance(value, bool) and int(value) == value and int(value) >= 1
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"patients_per_modality[{name!r}] must be a positive integer, got {value!r}")
-        counts[mod] = int(value)
     out_dir = Path(out_dir)
     case_modality: dict[str, str] = {}
     cases: dict[str, dict] = {}
