@@ -134,7 +134,9 @@ def test_msd_v1_style(tmp_path):
         ({"numTraining": 3}, "numTraining is 3 but imagesTr has 2"),
         ({"labels": ["background", "mass"]}, "key 'labels' must be an object"),
         ({"labels": {"background": 0, "mass": "1"}}, "value of 'mass' must be an integer"),
-        ({"labels": {"background": 0, "whole": [1, 2], "core": 2}}, "not supported for training"),
+        # region-based labels train (tests/test_ignore_regions.py) once the painting order is given
+        ({"labels": {"background": 0, "whole": [1, 2], "core": 2}}, "'regions_class_order' is required"),
+        ({"labels": {"background": 0, "mass": 1, "ignore": 1}}, "the ignore label 1 is also the value of 'mass'"),
         ({"labels": {"mass": 1, "background": 0}}, "first entry must be the background"),
         ({"channel_names": ["T1C", "T2W"]}, "key 'channel_names' must be"),
         ({"channel_names": {"0": "T1C", "2": "T2W"}}, "indices must be 0..N-1"),

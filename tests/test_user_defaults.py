@@ -324,9 +324,17 @@ def test_ct_channels_use_the_training_cases_foreground_statistics(tmp_path, caps
 
 
 def test_nnunet_ignore_label_is_not_trained_as_a_class(tmp_path, capsys):
+    """The ignore label is read (no longer refused) and is never a class: training leaves its voxels out
+    (tests/test_ignore_regions.py)."""
+    from modalseg.data.layouts import load_dataset
+    from modalseg.data.types import IGNORE_INDEX
+
     data = make_dataset(tmp_path / "ds", labels={"background": 0, "mass": 1, "ignore": 2})
     code, _, err = run_cli(capsys, ["verify", str(data)])
-    assert code == 2 and len(err) == 1 and "'ignore' label is not supported for training" in err[0]
+    assert code == 0 and err == [], err
+    spec = load_dataset(data)
+    assert spec.labels == {"background": 0, "mass": 1} and spec.num_classes == 2 and spec.ignore_label == 2
+    assert spec.label_lut() == {0: 0, 1: 1, 2: IGNORE_INDEX}
 
 
 def test_ct_statistics_are_computed_once_per_set_of_files(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 Layout: ``cache_dir`` is a root that holds one folder per fingerprint (``cache_dir/<fingerprint[:16]>/``), so
 caches of different configurations or case subsets (e.g. cross-validation folds) live side by side. Each folder is
 a per-case volume store (:mod:`modalseg.data.volume_cache`: ``cases/<n>_image.npy`` (C, D, H, W) float32,
-``cases/<n>_label.npy`` (D, H, W) uint8 class indices after ``spec.label_lut()``, sampled foreground voxels, and
+``cases/<n>_label.npy`` (D, H, W) uint8 class indices after ``spec.label_lut()`` (region datasets: the label values;
+nnU-Net's ignore label: :data:`~modalseg.data.types.IGNORE_INDEX`, never foreground), sampled foreground voxels, and
 ``index.json`` with one entry per case and one record per cached slice). :class:`SliceCache` is the 2D *view* of
 it that training uses today: global slice ``i`` is depth ``d`` of case ``k`` (cases in build order, slices in
 ``z`` order), ``images`` / ``labels`` read like the former ``(N, M, H, W)`` / ``(N, H, W)`` arrays and
@@ -46,7 +47,7 @@ from modalseg.data.geometry import ORIGIN_TOL_VOXELS, geometry_problems
 from modalseg.data.patches import PatchRef
 from modalseg.data.preprocess import PreprocessConfig, SliceGeometry, preprocess_volume
 from modalseg.data.transforms import OntoGrid, Sample, ToCanonical
-from modalseg.data.types import CaseFiles, DatasetSpec
+from modalseg.data.types import IGNORE_INDEX, CaseFiles, DatasetSpec
 from modalseg.data.verify import intensity_problems
 from modalseg.data.volume_cache import CACHE_FORMAT, INDEX, VolumeCache, write_case
 from modalseg.errors import ConfigError, DataError, OutputError
@@ -344,8 +345,9 @@ def build_slice_cache(
     selected = _select_cases(spec, cases)
     if not selected:
         raise DataError(f"no cases to cache in dataset {spec.name!r}", spec.root)
-    if spec.num_classes > 256:
-        raise ConfigError(f"{spec.num_classes} classes do not fit the cache's uint8 labels")
+    if spec.num_classes > IGNORE_INDEX:
+        raise ConfigError(f"{spec.num_classes} classes do not fit the cache's uint8 labels (at most {IGNORE_INDEX}: "
+                          f"index {IGNORE_INDEX} is kept for nnU-Net's ignore label)")
     fingerprint = cache_fingerprint(spec, cfg, selected, strict)
     root = Path(cache_dir)
     final = root / fingerprint[:16]

@@ -22,8 +22,9 @@ Layouts
     root/labelsTs/CASE.nii.gz                                (optional)
 
   ``dataset.json`` keys: ``channel_names`` ({"0": "T1C", "1": "T2W"}), ``labels``
-  ({"background": 0, "mass": 1}; integer values, background first with value 0; nnU-Net region
-  lists are not supported), ``file_ending`` (".nii.gz", ".nrrd", ".mha", ...), ``numTraining``
+  ({"background": 0, "mass": 1}; integer values, background first with value 0; nnU-Net's
+  ``"ignore": K`` label (K the highest value) and region lists with ``regions_class_order`` are read as
+  nnU-Net does, see docs/conventions.md), ``file_ending`` (".nii.gz", ".nrrd", ".mha", ...), ``numTraining``
   (must equal the number of cases found in imagesTr). The MSD v1 spellings ``modality`` (for
   ``channel_names``) and ``labels`` as {"0": "background", ...} are accepted. MSD datasets (a
   ``training`` list in dataset.json) whose image files carry no ``_0000`` suffix hold one file per case:
@@ -64,7 +65,8 @@ Layouts
     root/CASE/label.nii.gz
 
   Optional keys of ``modalseg.json``: ``name``, ``file_ending`` (default ".nii.gz"),
-  ``case_patient``, ``labels_to_background``. Every sub-folder (not starting with ".") is a case.
+  ``case_patient``, ``labels_to_background``, ``regions_class_order`` (labels as in dataset.json, ``ignore``
+  and regions included). Every sub-folder (not starting with ".") is a case.
   Names are matched case-insensitively (``t1c.nii.gz`` is modality T1C). Where ``<modality><ending>`` is
   absent, a sub-folder ``root/CASE/<modality>/`` holding the modality's DICOM series is used (read by
   :func:`~modalseg.data.io.read_volume`); the label stays a file, ``label<ending>`` or ``label`` with any
@@ -79,11 +81,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modalseg.data.io import SUPPORTED_EXTENSIONS, ImageRef, is_supported, strip_extension
-from modalseg.data.types import CaseFiles, DatasetSpec
+from modalseg.data.types import IGNORE_INDEX, CaseFiles, DatasetSpec
 from modalseg.errors import ConfigError, DataError
 from modalseg.utils.names import check_name
 
@@ -105,7 +108,8 @@ NNUNET_KEYS = frozenset({
     "overwrite_image_reader_writer", "dataset_name", "author", "citation",
     "case_patient", "paired", "modalities", "case_modality", "labels_to_background", "modalseg_synth",
 })
-FOLDER_KEYS = frozenset({"modalities", "labels", "name", "file_ending", "case_patient", "labels_to_background"})
+FOLDER_KEYS = frozenset({"modalities", "labels", "name", "file_ending", "case_patient", "labels_to_background",
+                         "regions_class_order"})
 
 
 def load_dataset(
@@ -253,35 +257,115 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_labels(labels: Any, path: Path, key: str = "labels") -> dict[str, int]:
+@dataclass(frozen=True)
+class LabelDefinition:
+    """A dataset's labels as training reads them: ``labels`` (name -> file value, background first; for a region
+    dataset each region's ``regions_class_order`` value), nnU-Net's ``ignore`` value and the ``regions``."""
+
+    labels: dict[str, int]
+    ignore: int | None = None
+    regions: dict[str, tuple[int, ...]] | None = None
+
+
+#: Region label values must fit the cache's uint8 labels beside :data:`~modalseg.data.types.IGNORE_INDEX`.
+MAX_REGION_VALUE = IGNORE_INDEX - 1
+
+
+def _parse_labels(labels: Any, path: Path, key: str = "labels", order: Any = None) -> LabelDefinition:
+    """The ``labels`` object with nnU-Net's rules (``LabelManager``; the same checks and wording as
+    ``modalseg evaluate --dataset``, training/evaluate_folder.py): ``ignore`` is one integer, the highest value,
+    never a class; the dataset has regions when a value is a list of more than one label, and then
+    ``regions_class_order`` (``order``) must give the value painted for each region, one of its own values."""
     if not isinstance(labels, dict) or not labels:
         raise DataError(f"key {key!r} must be a non-empty object {{name: value}}", path)
     # MSD v1 spelling: {"0": "background", "1": "tumour"} (value -> name).
     if all(isinstance(v, str) for v in labels.values()) and all(re.fullmatch(r"\d+", str(k)) for k in labels):
         items = sorted(((int(k), v) for k, v in labels.items()), key=lambda kv: kv[0])
         labels = {name: value for value, name in items}
-    out: dict[str, int] = {}
+    ignore: int | None = None
+    entries: dict[str, tuple[int, ...]] = {}
     for name, value in labels.items():
-        if isinstance(value, list | tuple):
-            raise DataError(f"key {key!r}: region-based labels ({name!r}: {list(value)}) are not supported for "
-                            "training yet (modalseg evaluate --dataset scores regions)", path)
-        if str(name) == "ignore":  # nnU-Net's ignore label: trained as a class it would be a silent wrong answer
-            raise DataError(f"key {key!r}: nnU-Net's 'ignore' label is not supported for training yet (modalseg "
-                            "evaluate --dataset honours it)", path)
-        if not _is_int(value):
+        if str(name) == "ignore":  # nnU-Net's ignore label: unannotated voxels, never a class
+            if not _is_int(value) or value < 0:
+                raise DataError(f"key {key!r}: the ignore label must be one integer value >= 0, found {value!r}", path)
+            ignore = int(value)
+            continue
+        if _is_int(value):
+            entries[str(name)] = (int(value),)
+        elif isinstance(value, list | tuple) and value and all(_is_int(v) for v in value):
+            entries[str(name)] = tuple(int(v) for v in value)
+        else:
             raise DataError(f"key {key!r}: value of {name!r} must be an integer, found {value!r}", path)
-        out[str(name)] = int(value)
-    values = list(out.values())
-    if len(set(values)) != len(values):
-        raise DataError(f"key {key!r}: label values are not unique ({values})", path)
-    first_name, first_value = next(iter(out.items()))
-    if first_value != 0:
+        if min(entries[str(name)]) < 0:
+            raise DataError(f"key {key!r}: {name!r} has a negative label value ({list(entries[str(name)])})", path)
+    if not entries:
+        raise DataError(f"key {key!r}: no background entry with value 0", path)
+    first_name, first_values = next(iter(entries.items()))
+    if first_values != (0,):
         raise DataError(
             f"key {key!r}: the first entry must be the background with value 0, found {first_name!r}: "
-            f"{first_value}",
+            f"{list(first_values) if len(first_values) > 1 else first_values[0]}",
             path,
         )
-    return out
+    has_regions = any(len(v) > 1 for v in entries.values())
+    out: dict[str, int]
+    regions: dict[str, tuple[int, ...]] | None = None
+    if not has_regions:
+        out = {name: values[0] for name, values in entries.items()}
+        values = list(out.values())
+        if len(set(values)) != len(values):
+            raise DataError(f"key {key!r}: label values are not unique ({values})", path)
+        used = set(values)
+    else:
+        regions = _parse_regions(dict(list(entries.items())[1:]), order, path, key)
+        out = {first_name: 0, **{name: int(v) for name, v in zip(regions, order, strict=True)}}
+        used = {0, *(v for vs in regions.values() for v in vs)}
+    if ignore is not None:
+        clash = [n for n, vs in entries.items() if ignore in vs]
+        if clash:
+            raise DataError(f"key {key!r}: the ignore label {ignore} is also the value of {clash[0]!r}", path)
+        if ignore < max(used):
+            raise DataError(f"key {key!r}: the ignore label {ignore} must be the highest label value "
+                            f"(nnU-Net's rule; {max(used)} is higher)", path)
+    return LabelDefinition(out, ignore, regions)
+
+
+def _parse_regions(regions: dict[str, tuple[int, ...]], order: Any, path: Path, key: str) -> dict[str, tuple[int, ...]]:
+    """Region name -> its label values, checked as nnU-Net does plus what painting the regions back needs."""
+    if not regions:
+        raise DataError(f"key {key!r}: no foreground label or region to train", path)
+    seen: dict[frozenset[int], str] = {}
+    for name, values in regions.items():
+        if 0 in values:
+            raise DataError(f"key {key!r}: {name!r} includes the background value 0 ({list(values)})", path)
+        if frozenset(values) in seen:
+            raise DataError(f"key {key!r}: regions {seen[frozenset(values)]!r} and {name!r} have the same values "
+                            f"({sorted(values)})", path)
+        seen[frozenset(values)] = name
+        if max(values) > MAX_REGION_VALUE:
+            raise DataError(f"key {key!r}: region {name!r} has label value {max(values)}; region label values must "
+                            f"be at most {MAX_REGION_VALUE} (they are cached as uint8)", path)
+    if order is None:
+        raise DataError("key 'regions_class_order' is required with region-based labels (the label value painted "
+                        "for each region at prediction, later regions over earlier ones)", path)
+    if not isinstance(order, list | tuple) or not all(_is_int(v) for v in order) or len(order) != len(regions):
+        raise DataError(f"key 'regions_class_order' must list one integer per region ({len(regions)}), "
+                        f"found {order!r}", path)
+    if len(set(order)) != len(order):
+        raise DataError(f"key 'regions_class_order' must paint each region with its own value, found {order!r} (a "
+                        "repeated value cannot be told apart in the painted labels)", path)
+    for (name, values), value in zip(regions.items(), order, strict=True):
+        if value not in values:
+            raise DataError(f"key 'regions_class_order': the value {value} painted for region {name!r} is not one of "
+                            f"its label values {list(values)} (the painted labels would not give the region back)",
+                            path)
+    return regions
+
+
+def _check_to_background(labels: LabelDefinition, to_background: tuple[int, ...], path: Path) -> None:
+    """The ignore label is not background: a voxel cannot be both unannotated and annotated as background."""
+    if labels.ignore is not None and labels.ignore in to_background:
+        raise DataError(f"key 'labels_to_background' lists the ignore label {labels.ignore}; it cannot be both", path)
 
 
 def _parse_int_list(value: Any, path: Path, key: str) -> tuple[int, ...]:
@@ -355,7 +439,8 @@ def _load_nnunet(root: Path, split: str, **options: Any) -> DatasetSpec:
     by_index = {int(k): v for k, v in channels_raw.items()}
     channels = [by_index[i] for i in indices]
 
-    labels = _parse_labels(_require(meta, "labels", dict, jpath, "an object {name: value}"), jpath)
+    labels = _parse_labels(_require(meta, "labels", dict, jpath, "an object {name: value}"), jpath,
+                           order=meta.get("regions_class_order"))
     training_list = meta.get("training")
     if "file_ending" in meta or not isinstance(training_list, list):
         ending = _check_ending(_require(meta, "file_ending", str, jpath, 'a string such as ".nii.gz"'), jpath)
@@ -421,9 +506,10 @@ def _load_nnunet(root: Path, split: str, **options: Any) -> DatasetSpec:
         raise DataError(f"numTraining is {num_training} but imagesTr has {len(cases)} case(s)", jpath)
     if split == "train":
         _check_case_patient(case_patient, (c.case_id for c in cases), jpath)
-    return _spec_from_json(meta, jpath, NNUNET_KEYS, root=root, modalities=list(modalities), labels=labels,
+    _check_to_background(labels, to_background, jpath)
+    return _spec_from_json(meta, jpath, NNUNET_KEYS, root=root, modalities=list(modalities), labels=labels.labels,
                            cases=cases, paired=paired, file_ending=ending, layout="nnunet",
-                           labels_to_background=to_background)
+                           labels_to_background=to_background, ignore_label=labels.ignore, regions=labels.regions)
 
 
 def _group_channels(
@@ -590,7 +676,8 @@ def _load_folder(root: Path, split: str, **options: Any) -> DatasetSpec:
         raise DataError(
             f"key 'modalities' must be distinct names other than 'label', found {modalities}", jpath
         )
-    labels = _parse_labels(_require(meta, "labels", dict, jpath, "an object {name: value}"), jpath)
+    labels = _parse_labels(_require(meta, "labels", dict, jpath, "an object {name: value}"), jpath,
+                           order=meta.get("regions_class_order"))
     ending = _check_ending(meta.get("file_ending", ".nii.gz"), jpath)
     case_patient = _parse_str_map(meta.get("case_patient", {}), jpath, "case_patient")
     to_background = _parse_int_list(meta.get("labels_to_background", []), jpath, "labels_to_background")
@@ -600,9 +687,10 @@ def _load_folder(root: Path, split: str, **options: Any) -> DatasetSpec:
         images = folder_images(folder, modalities, ending)
         cases.append(CaseFiles(cid, images, _folder_label(folder, ending), case_patient.get(cid, cid)))
     _check_case_patient(case_patient, (c.case_id for c in cases), jpath)
-    return _spec_from_json(meta, jpath, FOLDER_KEYS, root=root, modalities=list(modalities), labels=labels,
+    _check_to_background(labels, to_background, jpath)
+    return _spec_from_json(meta, jpath, FOLDER_KEYS, root=root, modalities=list(modalities), labels=labels.labels,
                            cases=cases, paired=True, file_ending=ending, layout="folder",
-                           labels_to_background=to_background)
+                           labels_to_background=to_background, ignore_label=labels.ignore, regions=labels.regions)
 
 
 def _entries(folder: Path) -> dict[str, list[Path]]:

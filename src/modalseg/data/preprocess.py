@@ -102,7 +102,8 @@ class PreprocessConfig:
     or per modality (unpaired, in ``DatasetSpec.modalities`` order). ``crop_size`` is required for
     ``center``/``bbox``. ``only_labelled_slices`` keeps only slices that contain foreground for training
     (paper 1 labelled the central slices only, so unlabelled slices are *unannotated*, not background); at
-    prediction every slice is processed.
+    prediction every slice is processed. Foreground, here and for the ``bbox`` crop, excludes nnU-Net's ignore
+    voxels (:func:`modalseg.data.types.foreground_mask`).
     """
 
     slice_axis: int = 2

@@ -19,7 +19,12 @@ the in-plane ``(H, W)`` only, slice by slice. ``preprocess_volume`` / ``restore_
 master's grid, :func:`modalseg.data.geometry.onto_grid`); it works on :class:`~modalseg.data.types.Volume` objects.
 
 Inversion by kind: ``"image"`` intensities (normalisation undone, padding 0), ``"label"`` class maps (nearest,
-background 0 outside what was kept) and ``"probabilities"`` ``(K, ...)`` (bilinear, background class 0 = 1 outside).
+background 0 outside what was kept), ``"probabilities"`` ``(K, ...)`` (bilinear, background class 0 = 1 outside)
+and ``"region_probabilities"`` ``(R, ...)``: one sigmoid channel per region of a region-based model (bilinear, 0
+outside for every region: there is no background channel).
+
+Foreground (crop boxes, ``only_labelled_slices``) is :func:`~modalseg.data.types.foreground_mask`: nnU-Net's
+``ignore`` voxels (:data:`~modalseg.data.types.IGNORE_INDEX`) are unannotated, not foreground.
 
 Random transforms (:class:`RandomTransform`) are *not* invertible steps of a trace: they draw from a generator
 derived from ``(seed, step, sample index)`` only (``SeedSequence([seed, crc32(name), step, index])``), never from
@@ -49,12 +54,12 @@ from modalseg.data.geometry import (
     reorientation_of,
     resample_onto,
 )
-from modalseg.data.types import Volume
+from modalseg.data.types import Volume, foreground_mask
 from modalseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("image", "label", "probabilities")
+KINDS = ("image", "label", "probabilities", "region_probabilities")
 
 
 # ------------------------------------------------------------------------------------------------ slice primitives
@@ -159,7 +164,7 @@ def bbox_for_volume(label_volume: np.ndarray, slice_axis: int, size: int | Seque
     """
     size = _pair(size, "crop_size")
     assert size is not None
-    fg = np.asarray(label_volume) > 0
+    fg = foreground_mask(label_volume)
     mask = fg.any(axis=slice_axis)
     shape = mask.shape
     if not mask.any():
@@ -317,7 +322,8 @@ def _check_kind(kind: str) -> None:
 
 
 def _background(kind: str, array: np.ndarray) -> np.ndarray | float:
-    """What lies outside the kept region: 0, or class 0 with probability 1 (per leading class axis)."""
+    """What lies outside the kept region: 0 (also every region's sigmoid), or class 0 with probability 1 (per
+    leading class axis)."""
     if kind != "probabilities":
         return 0
     bg = np.zeros(array.shape[0], dtype=array.dtype)
@@ -447,7 +453,8 @@ class OntoGrid:
             return resample_onto(Volume(arr, self.ref.affine), target, kind="label")[0]
         if kind == "image":
             return np.stack([resample_onto(Volume(c, self.ref.affine), target, fill=0.0)[0] for c in arr])
-        return np.stack([resample_onto(Volume(c, self.ref.affine), target, fill=float(k == 0))[0]
+        background = 0 if kind == "probabilities" else -1  # region sigmoids: 0 outside for every channel
+        return np.stack([resample_onto(Volume(c, self.ref.affine), target, fill=float(k == background))[0]
                          for k, c in enumerate(arr)])
 
 
@@ -488,7 +495,7 @@ class SelectSlices(InvertibleTransform):
     def forward(self, sample: Sample) -> tuple[Sample, dict[str, Any]]:
         depth = int(np.asarray(sample.image).shape[1])
         label = sample.label
-        foreground = [bool((label[d] > 0).any()) for d in range(depth)] if label is not None else None
+        foreground = [bool(foreground_mask(label[d]).any()) for d in range(depth)] if label is not None else None
         if self.only_foreground and foreground is not None:
             kept = [d for d in range(depth) if foreground[d]]
         else:

@@ -5,7 +5,8 @@ which are depth-1 patches of the same volumes (:class:`modalseg.data.cache.Slice
 this store). Layout of one cache folder (``<cache_dir>/<fingerprint[:16]>/``)::
 
     cases/000000_image.npy  (C, D, H, W) float32   preprocessed channels, D along the slice axis (slice-major)
-    cases/000000_label.npy  (D, H, W)    uint8     class indices
+    cases/000000_label.npy  (D, H, W)    uint8     class indices (region datasets: the label values; nnU-Net's
+                                                   ignore label: 255, data/types.py IGNORE_INDEX)
     cases/000000_fg.npy     (K, 4)       int32     rows (class, d, h, w): up to 10,000 voxels of each foreground
                                                    class (all when fewer), for foreground-centred patches
     index.json              written last: format, fingerprint, spec name, preprocessing config, class names,
@@ -44,6 +45,7 @@ import torch
 
 from modalseg.data.patches import PatchRef, read_patch
 from modalseg.data.preprocess import PreprocessConfig, SliceGeometry
+from modalseg.data.types import IGNORE_INDEX
 from modalseg.errors import ConfigError, DataError
 
 # 2: label/image origins and degenerate grids are checked while building (caches of format 1 were not).
@@ -96,10 +98,11 @@ def case_files(position: int) -> dict[str, str]:
 
 def foreground_sample(label: np.ndarray, case_id: str, per_class: int = FOREGROUND_PER_CLASS) -> np.ndarray:
     """Rows ``(class, d, h, w)`` of up to ``per_class`` voxels of every foreground class of ``label`` (D, H, W),
-    drawn deterministically from the case id (all voxels when fewer), sorted."""
+    drawn deterministically from the case id (all voxels when fewer), sorted. nnU-Net's ignore voxels
+    (:data:`~modalseg.data.types.IGNORE_INDEX`) are not foreground: no patch is centred on them."""
     parts = []
     for cls in np.unique(label):
-        if cls == 0:
+        if cls == 0 or cls == IGNORE_INDEX:
             continue
         coords = np.argwhere(label == cls)
         if len(coords) > per_class:

@@ -2,18 +2,23 @@
 
 An inferer takes any :class:`~modalseg.inference.backends.Backend` (MONAI's "inferer over any callable"
 idea): the same slice batching serves validation, evaluation, ``modalseg predict`` and exported models.
+Importing it does not import torch (the torch-free runtime of ``modalseg.deploy`` runs this inferer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from modalseg.inference.backends import Backend, TorchBackend, input_size_rule
-from modalseg.training.precision import Precision
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from modalseg.training.precision import Precision
 
 __all__ = ["DEFAULT_PIXELS_PER_BATCH", "SliceInferer", "ensemble_probabilities", "input_size_rule",
            "predict_probabilities", "slices_per_batch"]
@@ -65,7 +70,7 @@ class SliceInferer:
         with backend.session():
             for start in range(0, len(images), step):
                 chunk = images[start: start + step]
-                x = chunk.numpy() if isinstance(chunk, torch.Tensor) else chunk
+                x = chunk if isinstance(chunk, np.ndarray) else chunk.numpy()  # a torch tensor
                 x = np.ascontiguousarray(x, dtype=np.float32)
                 if top or bottom or left or right:
                     x = np.pad(x, pad)

@@ -10,7 +10,8 @@ The steps are the checkpoint's deterministic transforms, each inverted on the wa
    (closest to RAS) voxel order as in training, normalisation, slices, crop box, resize;
 3. the inferer over every backend (slices, batched), probabilities averaged over models (fold ensembling);
 4. back: ``invert`` of the recorded trace (un-resize, un-crop, the inverse reorientation), argmax to the file's
-   label values.
+   label values; a region-based model (``meta.regions``: sigmoid per region, nnU-Net's ``regions_class_order``)
+   instead paints each region where its probability > 0.5 with its value, in order, onto background 0.
 
 The ``modalseg predict`` command is a thin layer over this (file discovery, output naming, writing); 3D Slicer
 or MONAI Deploy integrations call :meth:`Predictor.predict` or :meth:`Predictor.predict_arrays` directly.
@@ -29,7 +30,7 @@ from modalseg.data.geometry import geometry_problems, onto_grid
 from modalseg.data.io import read_volume, strip_extension
 from modalseg.data.preprocess import PreprocessConfig, preprocessing_pipeline
 from modalseg.data.transforms import Sample, invert
-from modalseg.data.types import Volume
+from modalseg.data.types import Volume, paint_regions
 from modalseg.data.verify import intensity_problems
 from modalseg.errors import CheckpointError, DataError
 from modalseg.inference.backends import Backend, TorchBackend
@@ -99,8 +100,8 @@ def load_torch_model(
     if precision is None:
         precision = _choose_inference_precision(network, checkpoint.meta, device, batch_size)
     network = precision.prepare_model(network).eval()
-    return LoadedModel(TorchBackend(network, precision), checkpoint.meta, checkpoint.path, precision,
-                       checkpoint.epoch, checkpoint.best_score)
+    backend = TorchBackend(network, precision, activation=checkpoint.meta.activation)
+    return LoadedModel(backend, checkpoint.meta, checkpoint.path, precision, checkpoint.epoch, checkpoint.best_score)
 
 
 def load_models(
@@ -122,7 +123,8 @@ def load_models(
             models.append(model)
     first = models[0].meta
     for m in models[1:]:
-        if (m.meta.labels, m.meta.modalities, m.meta.preprocess) != (first.labels, first.modalities, first.preprocess):
+        if (m.meta.labels, m.meta.regions, m.meta.modalities, m.meta.preprocess) != (
+                first.labels, first.regions, first.modalities, first.preprocess):
             raise CheckpointError(f"cannot ensemble: model {m.meta.describe()} differs from {first.describe()}", m.path)
     return models
 
@@ -131,8 +133,9 @@ def load_models(
 class Prediction:
     """A case's result on the reference (first) volume's grid and voxel order."""
 
-    labels: np.ndarray  # label values of the training data (not class indices)
-    probabilities: np.ndarray  # (C, X, Y, Z) float32, classes in ``meta.labels`` order
+    labels: np.ndarray  # label values of the training data (not class indices); never the ignore label
+    #: (C, X, Y, Z) float32 in ``meta.labels`` order: softmax per class, or sigmoid per region (region models)
+    probabilities: np.ndarray
     reference: Volume
 
 
@@ -247,6 +250,10 @@ class Predictor:
             raise DataError(
                 f"the model produced {int((~np.isfinite(probs)).sum())} non-finite (NaN/inf) probabilities for this "
                 "case; nothing was written", first_path)
+        if meta.regions is not None:  # sigmoid per region, 0 outside what was predicted; painted in order
+            restored = invert(np.moveaxis(probs, 1, 0), sample.trace, "region_probabilities")
+            labels = paint_regions(restored, list(meta.labels.values()), axis=0)
+            return Prediction(labels, restored.astype(np.float32), volumes[0])
         restored = invert(np.moveaxis(probs, 1, 0), sample.trace, "probabilities")
         values = np.asarray(list(meta.labels.values()))
         return Prediction(values[restored.argmax(axis=0)], restored.astype(np.float32), volumes[0])

@@ -78,19 +78,24 @@ def ummkd_kd_loss(
         return total / both.sum().clamp_min(1).to(total.dtype)
 
 
-def ummkd_dice_loss(logits: torch.Tensor, onehot: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+def ummkd_dice_loss(
+    logits: torch.Tensor, onehot: torch.Tensor, eps: float = 1e-7, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """UMMKD's Dice loss of one modality's batch: ``1 - (1/C) sum_c 2 I_c / (L_c + R_c + eps)``.
 
     ``I_c = sum p_c g_c``, ``L_c = sum p_c^2``, ``R_c = sum g_c``, each summed over the whole batch and all
     pixels; c runs over all C classes, background included; ``p = softmax(logits)``. UMMKD's code writes
     ``-(1/C) sum_c ...``; the constant 1 changes no gradient and keeps the logged loss >= 0. Why an option:
     paper 2 builds on UMMKD's code, so its tables may come from this Dice rather than the per-image
-    foreground Dice of :class:`modalseg.losses.dice_ce.DiceCELoss`.
+    foreground Dice of :class:`modalseg.losses.dice_ce.DiceCELoss`. ``mask`` (B, H, W), True = annotated:
+    nnU-Net's ignore voxels leave the sums (``onehot`` must already be zero there, losses/ignore.py).
     """
     if logits.shape != onehot.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and one-hot labels {tuple(onehot.shape)} differ")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         p = torch.softmax(logits.float(), dim=1)
+        if mask is not None:
+            p = p * mask.unsqueeze(1).float()
         g = onehot.float()
         dims = (0, 2, 3)
         inter = (p * g).sum(dim=dims)

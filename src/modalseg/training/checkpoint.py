@@ -159,6 +159,16 @@ def _check_meta_types(meta: ModelMeta, ckpt: str | Path) -> None:
         not isinstance(meta.feature_layers, list) or not all(isinstance(m, str) for m in meta.feature_layers)
     ):
         bad("feature_layers must be a list of layer names")
+    if meta.ignore_label is not None and (not is_int(meta.ignore_label) or meta.ignore_label < 0):
+        bad(f"ignore_label {meta.ignore_label!r} is not an integer >= 0")
+    if meta.regions is not None:
+        # a region model paints labels[name] where region `name` is predicted: every region needs its value
+        if not isinstance(meta.regions, dict) or list(meta.regions) != list(meta.labels) or not all(
+            isinstance(v, list) and v and all(is_int(x) and x > 0 for x in v) for v in meta.regions.values()
+        ):
+            bad("regions must map each label name, in order, to a non-empty list of positive label values")
+        if any(meta.labels[name] not in values for name, values in meta.regions.items()):
+            bad("each region's painted label value must be one of the region's values")
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path, meta: str = "") -> None:

@@ -37,7 +37,8 @@ from modalseg.training.callbacks import Callback, EpochEnd, default_callbacks
 from modalseg.training.checkpoint import first_non_finite, read_checkpoint, save_checkpoint
 from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
-from modalseg.training.inference import foreground_dice_per_group, input_size_rule, predict_probabilities
+from modalseg.training.inference import input_size_rule, predict_outputs, score_groups
+from modalseg.training.model_meta import decode_outputs, regions_of
 from modalseg.training.precision import Precision, resolve_device, resolve_precision
 from modalseg.training.splits import resolve_splits
 from modalseg.training.step import NonFiniteStep, StepResult, TrainStep
@@ -224,12 +225,14 @@ class Trainer:
             model=cfg.model,
             model_options=dict(cfg.model_options),
             modalities=modalities,
-            num_classes=self.spec.num_classes,
-            labels=dict(self.spec.labels),
+            num_classes=len(self.spec.output_labels),  # region models: one channel per region, no background
+            labels=self.spec.output_labels,
             preprocess=self.pp.to_dict(),
             setting=self.task.setting(cfg),
             feature_layers=list(cfg.feature_layers) if cfg.feature_layers else None,
             channel_names=list(self.spec.modalities),
+            regions=regions_of(self.spec),
+            ignore_label=self.spec.ignore_label,
         )
         self.network = build_network(self.meta)
         loss_module = self.task.build_loss(self.network, cfg)
@@ -513,10 +516,13 @@ class Trainer:
                 target = np.asarray(self.cache.labels[idx])
                 fp32 = "fp32+channels_last" if self.precision.channels_last else "fp32"
                 candidate = dataclasses.replace(self.precision, auto=dataclasses.replace(info, fp32_fallback=fp32))
+                valid = target != self.meta.ignore_index  # all True without an ignore label
                 chosen, line = accuracy_guard(
                     candidate,
-                    lambda p: predict_probabilities(self.network, images, p, modality=modality),
-                    target=target, num_classes=self.meta.num_classes)
+                    # decoded label maps: class indices, or for region models painted label values (as target)
+                    lambda p: decode_outputs(predict_outputs(self.network, images, p, modality=modality,
+                                                             activation=self.meta.activation), self.meta) * valid,
+                    target=target * valid, num_classes=self.meta.num_classes)
                 self.network.train()
                 self._say(line)
                 label = [chosen.label]
@@ -534,7 +540,9 @@ class Trainer:
         With the default preset every slice of a validation case is cached, so this is the volume Dice; with the
         paper presets it is the Dice of the labelled slices (:attr:`val_scope`). Sets
         ``last_validation_degenerate`` when every case is predicted empty (while some has foreground) or all
-        foreground: such an epoch never becomes ``best.pt``.
+        foreground: such an epoch never becomes ``best.pt``. Region models score each region (its label values in
+        the painted prediction and in the target); nnU-Net's ignore voxels are scored nowhere, in this check
+        neither (``ModelMeta.scoring``, ``training.inference.score_groups``).
         """
         self.last_validation_degenerate = False
         if not self.dist.is_main:
@@ -542,28 +550,27 @@ class Trainer:
         scores = []
         empty, full, any_foreground = [], [], False
         for split in self.predict_split().values():
-            pred, target, groups = split.pred, split.target, split.patients
-            per_patient = foreground_dice_per_group(pred, target, groups, self.meta.num_classes)
-            scores.extend(per_patient.values())
-            groups_arr = np.asarray(groups)
-            for g in per_patient:
-                p = pred[groups_arr == g]
-                empty.append(not (p > 0).any())
-                full.append(bool((p > 0).all()))
-            any_foreground = any_foreground or bool((target > 0).any())
+            result = score_groups(split.pred, split.target, split.patients, self.meta.num_classes,
+                                  **self.meta.scoring())
+            scores.extend(result.dice.values())
+            empty += result.empty
+            full += result.full
+            any_foreground = any_foreground or result.any_foreground
         self.last_validation_degenerate = bool(empty) and ((all(empty) and any_foreground) or all(full))
         return float(np.mean(scores)) if scores else float("nan")
 
     def predict_split(self, which: str = "val") -> dict[str, SplitPrediction]:
-        """Argmax predictions on the fold's validation (or training) slices, per task group, with their records."""
+        """Predictions on the fold's validation (or training) slices, per task group, with their records: argmax
+        class indices, or for region models the regions painted with their label values (``decode_outputs``)."""
         out = {}
         for group, idx in self.task.groups(which).items():
             if len(idx) == 0:
                 continue
             images, modality = self.task.inputs(group, idx)
-            probs = predict_probabilities(self.network, images, self.precision, modality=modality)
+            probs = predict_outputs(self.network, images, self.precision, modality=modality,
+                                    activation=self.meta.activation)
             target = np.asarray(self.cache.labels[idx])
             records = [self.cache.records[i] for i in idx]
-            out[group] = SplitPrediction(probs.argmax(1).astype(np.uint8), target, records, idx)
+            out[group] = SplitPrediction(decode_outputs(probs, self.meta), target, records, idx)
         self.network.train()
         return out

@@ -9,14 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import nn
 
-from modalseg.data.types import DatasetSpec
+from modalseg.data.types import IGNORE_INDEX, DatasetSpec, paint_regions
 from modalseg.errors import ConfigError
 from modalseg.models import create_model, list_models
 from modalseg.models.unpaired import UnpairedSegmenter
 
-__all__ = ["SINGLE_MODALITY_MODELS", "ModelMeta", "build_network", "paired_channels"]
+__all__ = ["SINGLE_MODALITY_MODELS", "ModelMeta", "build_network", "decode_outputs", "paint_regions", "regions_of",
+           "paired_channels"]
+
+#: Fields added after the first release, with their defaults: left out of ``to_dict`` while at the default, so a
+#: model without them writes the very description older releases wrote (and ``--resume`` compares equal).
+_OPTIONAL_FIELDS: dict[str, Any] = {"regions": None, "ignore_label": None}
+
 
 #: Models that see one modality (paper 1: U-Net and U-Net + SA are trained on T1C only): the registered models
 #: whose card says ``inputs="single"``.
@@ -25,7 +32,14 @@ SINGLE_MODALITY_MODELS = frozenset(list_models(inputs="single"))
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """Everything needed to rebuild a trained network (stored in checkpoints; plain types only)."""
+    """Everything needed to rebuild a trained network (stored in checkpoints; plain types only).
+
+    ``labels`` names the network's output channels in order, each with its label value: every class (background
+    first; softmax, argmax -> value) or, for a region-based model (``regions`` set), one sigmoid channel per
+    region -> the value painted for it (nnU-Net's ``regions_class_order``; no background channel). ``regions``:
+    region name -> the label values it unites (the training target). ``ignore_label``: the file value of
+    nnU-Net's ``ignore`` label in the training data (recorded; never a class, never predicted).
+    """
 
     kind: str  # "paired" | "unpaired"
     model: str
@@ -39,9 +53,40 @@ class ModelMeta:
     in_channels: int = 1
     #: the dataset's channel names (paired: file ``CASE_000k`` holds ``channel_names[k]``)
     channel_names: list[str] | None = None
+    #: region-based model: region name (= ``labels`` key) -> its label values; None: softmax classes
+    regions: dict[str, list[int]] | None = None
+    #: file value of nnU-Net's ignore label in the training data (None: none)
+    ignore_label: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k not in _OPTIONAL_FIELDS or v != _OPTIONAL_FIELDS[k]}
+
+    @property
+    def activation(self) -> str:
+        """``"sigmoid"`` (one independent probability per region) or ``"softmax"`` (classes)."""
+        return "sigmoid" if self.regions is not None else "softmax"
+
+    @property
+    def ignore_index(self) -> int | None:
+        """The value of ignored voxels in cached (validation) label maps, or None."""
+        return IGNORE_INDEX if self.ignore_label is not None else None
+
+    def scored_classes(self) -> dict[str, tuple[int, ...]]:
+        """Foreground class or region name -> the values of validation label maps it covers: the class index
+        (softmax models), or the region's label values (region models, whose cache keeps label values)."""
+        if self.regions is not None:
+            return {name: tuple(int(v) for v in values) for name, values in self.regions.items()}
+        return {name: (index,) for index, name in enumerate(self.labels) if index > 0}
+
+    def scoring(self) -> dict[str, Any]:
+        """Keyword options of :func:`modalseg.training.inference.foreground_dice_per_group` for this model's
+        validation: nothing for plain classes without ignore (the scoring as it always was)."""
+        options: dict[str, Any] = {}
+        if self.regions is not None:
+            options["classes"] = list(self.scored_classes().values())
+        if self.ignore_index is not None:
+            options["ignore_index"] = self.ignore_index
+        return options
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
@@ -49,7 +94,16 @@ class ModelMeta:
 
     def describe(self) -> str:
         what = self.model if self.kind == "paired" else f"{self.model}/{self.setting}"
-        return f"({what}, {self.num_classes} classes, modalities {', '.join(self.modalities)})"
+        outputs = f"{self.num_classes} regions" if self.regions is not None else f"{self.num_classes} classes"
+        return f"({what}, {outputs}, modalities {', '.join(self.modalities)})"
+
+
+def decode_outputs(probs: np.ndarray, meta: ModelMeta, axis: int = 1) -> np.ndarray:
+    """Probabilities (classes or regions on ``axis``) -> the label map validation scores: class indices (argmax)
+    for softmax models, the painted label values for region models (the values their cache holds)."""
+    if meta.regions is None:
+        return probs.argmax(axis).astype(np.uint8)
+    return paint_regions(probs, list(meta.labels.values()), axis=axis)
 
 
 def build_network(meta: ModelMeta) -> nn.Module:
@@ -73,6 +127,13 @@ def build_network(meta: ModelMeta) -> nn.Module:
         in_channels=meta.in_channels,
         **kwargs,
     )
+
+
+def regions_of(spec: DatasetSpec) -> dict[str, list[int]] | None:
+    """The dataset's regions as the model description stores them (plain lists), or None."""
+    if spec.regions is None:
+        return None
+    return {name: [int(v) for v in values] for name, values in spec.regions.items()}
 
 
 def paired_channels(spec: DatasetSpec, model: str, modalities: list[str] | None) -> list[str]:

@@ -1,7 +1,12 @@
 """``modalseg predict``'s file layer: which files form a case (and in which modality order), what the outputs
 are named and that none replaces an input, and writing them. Applying the models is
 :class:`modalseg.inference.Predictor`'s (in-memory) job; several models (folds) are ensembled by averaging
-their softmax probabilities.
+their softmax probabilities (region-based models: their per-region sigmoid probabilities, as nnU-Net).
+
+Probability files are named after ``meta.labels``, the network's output channels: ``CASE_prob_<class>`` for
+every class (background included), or for a region model ``CASE_prob_<region>`` for every region (BraTS:
+``CASE_prob_whole tumor``...; there is no background channel). The label file of a region model holds the
+``regions_class_order`` values painted in order (:func:`modalseg.training.model_meta.paint_regions`).
 """
 
 from __future__ import annotations
@@ -385,7 +390,10 @@ def write_dicom_seg_prediction(
     from modalseg.data.dicom_seg import write_dicom_seg
 
     paths = dicom_seg_output_paths(out_dir, case, list(class_labels) if probs is not None else None, file_ending)
-    write_dicom_seg(paths[0], np.asarray(labels), reference, source, class_labels, model_name=model_name)
+    segments = dict(class_labels)
+    if 0 not in segments.values():  # a region model's labels name its regions only: every one is a segment
+        segments = {"background": 0, **segments}
+    write_dicom_seg(paths[0], np.asarray(labels), reference, source, segments, model_name=model_name)
     if probs is not None:
         for c, p in enumerate(paths[1:]):
             write_volume(p, probs[c].astype(np.float32), reference)

@@ -8,6 +8,10 @@ modality), how the network is called per modality, and how validation slices are
 Each task wraps the segmentation network in a *loss module* whose ``forward`` takes the step's tensors and
 returns ``(loss, parts)``. The engine wraps that module (not the bare network) in DDP, so one forward and one
 backward cover all modalities of an unpaired step, as DDP requires.
+
+nnU-Net's extras (docs/conventions.md) are decided here too: a dataset with an ``ignore`` label gives every loss an
+``ignore_index`` (the cache's :data:`~modalseg.data.types.IGNORE_INDEX`), and a region-based dataset (BraTS) makes
+the paired task train one sigmoid channel per region (:class:`RegionLoss`); unpaired learning refuses regions.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from torch import nn
 
 from modalseg.data.patches import SlicePatchSampler, UnpairedSlicePatchSampler, squeeze_depth
 from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
-from modalseg.data.types import DatasetSpec
+from modalseg.data.types import IGNORE_INDEX, DatasetSpec
 from modalseg.errors import ConfigError
 from modalseg.losses.affinity import CSA_READINGS, affinity_loss, check_pairable, class_affinity, csa_loss
 from modalseg.losses.dice_ce import DiceCELoss
+from modalseg.losses.ignore import masked_cross_entropy, one_hot_valid, valid_mask
 from modalseg.losses.kd import KD_ABSENT, ummkd_dice_loss, ummkd_kd_loss
+from modalseg.losses.regions import RegionDiceBCELoss
 from modalseg.models.msbn import ModalitySpecificBatchNorm
 from modalseg.models.unpaired import UnpairedSegmenter
 from modalseg.training.model_meta import (  # noqa: F401  (re-exported: the public names of this module)
@@ -47,16 +53,33 @@ if TYPE_CHECKING:
 
 
 class PairedLoss(nn.Module):
-    """Paper 1: L = L_Dice + alpha * L_CE (Eq. 1) on the fused network's logits."""
+    """Paper 1: L = L_Dice + alpha * L_CE (Eq. 1) on the fused network's logits (``ignore_index``: nnU-Net's
+    ignore voxels leave both terms)."""
 
-    def __init__(self, network: nn.Module, ce_weight: float) -> None:
+    def __init__(self, network: nn.Module, ce_weight: float, ignore_index: int | None = None) -> None:
         super().__init__()
         self.network = network
-        self.criterion = DiceCELoss(eps=1.0, alpha=ce_weight)
+        self.criterion = DiceCELoss(eps=1.0, alpha=ce_weight, ignore_index=ignore_index)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         logits = self.network(x)
         loss = self.criterion(logits.float(), y)
+        return loss, {"loss": float(loss.detach())}
+
+
+class RegionLoss(nn.Module):
+    """Region-based paired training (BraTS): one sigmoid channel per region, ``ce_weight * BCE + batch soft Dice``
+    (nnU-Net's ``DC_and_BCE_loss``, losses/regions.py); ``regions`` are the label values of each region, which
+    the cache keeps as they are in the files (region targets are built from them on the fly)."""
+
+    def __init__(self, network: nn.Module, regions: list[tuple[int, ...]], ce_weight: float,
+                 ignore_index: int | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self.criterion = RegionDiceBCELoss(regions, bce_weight=ce_weight, ignore_index=ignore_index)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.criterion(self.network(x).float(), y)
         return loss, {"loss": float(loss.detach())}
 
 
@@ -110,6 +133,7 @@ class UnpairedLoss(nn.Module):
         dice_form: str = "per_image",
         kd_absent_classes: str = "skip",
         grad_ratio_every: int = 0,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__()
         if csa_reading not in CSA_READINGS:
@@ -123,7 +147,8 @@ class UnpairedLoss(nn.Module):
         self.network = network
         self.setting = setting
         self.ce_weight = ce_weight
-        self.seg = DiceCELoss(eps=1.0, alpha=ce_weight)
+        self.ignore_index = ignore_index
+        self.seg = DiceCELoss(eps=1.0, alpha=ce_weight, ignore_index=ignore_index)
         self.affinity_weight = affinity_weight
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
@@ -149,7 +174,16 @@ class UnpairedLoss(nn.Module):
         """Dice + beta * CE of one modality's batch (Eq. 5's bracketed terms, alpha = 1)."""
         if self.dice_form == "per_image":
             return self.seg(logits, y)
+        if self.ignore_index is not None:  # nnU-Net's ignore voxels leave the batch Dice and the CE
+            return (ummkd_dice_loss(logits, onehot, mask=valid_mask(y, self.ignore_index))
+                    + self.ce_weight * masked_cross_entropy(logits, y, self.ignore_index))
         return ummkd_dice_loss(logits, onehot) + self.ce_weight * F.cross_entropy(logits, y)
+
+    def _one_hot(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The one-hot labels of the Dice, CSA and KD terms; ignored voxels belong to no class."""
+        if self.ignore_index is None:
+            return F.one_hot(y, num_classes).permute(0, 3, 1, 2).float()
+        return one_hot_valid(y, num_classes, self.ignore_index)
 
     def auxiliary(
         self,
@@ -220,7 +254,7 @@ class UnpairedLoss(nn.Module):
             else:
                 logits = self.network(x, modality=k)
             logits = logits.float()
-            onehot = F.one_hot(y, logits.shape[1]).permute(0, 3, 1, 2).float()
+            onehot = self._one_hot(y, logits.shape[1])
             seg_total = seg_total + self._segmentation(logits, y, onehot)
             logits_all.append(logits)
             onehots.append(onehot)
@@ -255,7 +289,8 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class SplitPrediction:
-    """Argmax predictions of one validation group with the cache slices they belong to (same order)."""
+    """Predictions of one validation group with the cache slices they belong to (same order): argmax class
+    indices, or for region models the painted label values (training.model_meta.decode_outputs)."""
 
     pred: np.ndarray  # (N, H, W) uint8
     target: np.ndarray  # (N, H, W)
@@ -391,7 +426,10 @@ class PairedTask(Task):
         return self.modalities
 
     def build_loss(self, network: nn.Module, cfg: TrainConfig) -> nn.Module:
-        return PairedLoss(network, cfg.ce_weight)
+        ignore = ignore_index_of(self.spec)
+        if self.spec.regions is not None:
+            return RegionLoss(network, list(self.spec.regions.values()), cfg.ce_weight, ignore_index=ignore)
+        return PairedLoss(network, cfg.ce_weight, ignore_index=ignore)
 
     def plan(self, cache: SliceCache, train_cases: list[str], val_cases: list[str], cfg: TrainConfig,
              rank: int, world_size: int) -> int:
@@ -435,6 +473,12 @@ class UnpairedTask(Task):
     group_column = "modality"
     recipe = PAPER2_RECIPE
 
+    def __init__(self, spec: DatasetSpec) -> None:
+        if spec.regions is not None:
+            raise ConfigError(f"dataset {spec.name!r} has region-based labels ({', '.join(spec.regions)}); region "
+                              "training is paired only (unpaired learning trains softmax classes)")
+        super().__init__(spec)
+
     def _recipe(self, cfg: TrainConfig) -> dict[str, Any]:
         recipe = dict(self.recipe)
         if cfg.setting == "ummkd":
@@ -465,7 +509,7 @@ class UnpairedTask(Task):
             network, cfg.setting, ce_weight=cfg.ce_weight, affinity_weight=cfg.affinity_weight,
             kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature, conv_l2=float(cfg.conv_l2 or 0.0),
             csa_reading=cfg.csa_reading, csa_region_norm=cfg.csa_region_norm, dice_form=cfg.dice_form,
-            kd_absent_classes=cfg.kd_absent_classes,
+            kd_absent_classes=cfg.kd_absent_classes, ignore_index=ignore_index_of(self.spec),
         )
 
     def strata(self, cache: SliceCache) -> dict[str, str] | None:
@@ -515,6 +559,11 @@ class UnpairedTask(Task):
 
     def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
         return self._cache().images[indices], self.modalities.index(group)
+
+
+def ignore_index_of(spec: DatasetSpec) -> int | None:
+    """The target value the losses leave out: the cache's index of nnU-Net's ignore label, or None."""
+    return IGNORE_INDEX if spec.ignore_label is not None else None
 
 
 #: Kinds of learning by the dataset's kind (one-way: the trainer looks a task up, tasks know no trainer).
