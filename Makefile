@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(BIN)/modalseg: pyproject.toml
 	$(PY) -m venv $(VENV)
 	@if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install -q -e ".[dev,dicom]"
+	$(BIN)/pip install -q -e ".[dev,dicom,export,openvino]"
 	@touch $(BIN)/modalseg
 
 install: $(BIN)/modalseg

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from modalseg.data.io import read_volume
     from modalseg.data.layouts import load_dataset
     from modalseg.errors import ConfigError
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"fold {k} is not in splits.json ({len(splits)} folds)", splits_path)
         val_patients = set(splits[k]["val"])
         predictor = Predictor.from_checkpoints([fold_dir], which=args.checkpoint)
+        if predictor.meta.regions is not None:
+            raise ConfigError("post-processing by connected components is not decided for region-based models yet "
+                              "(their labels are painted nested regions)", fold_dir)
         label_values = list(predictor.meta.labels.values())
         cases = [c for c in spec.cases if c.patient_id in val_patients and c.label is not None]
         for case in cases:
@@ -57,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
                 files = [case.images[spec.modalities.index(m)] for m in predictor.meta.modalities]
             result = predictor.predict_files(files, modality=case.modality, case=case.case_id)
             reference = read_volume(case.label, kind="label").array
-            pairs.append((result.labels, reference))
+            labels = result.labels
+            if spec.ignore_label is not None:  # nnU-Net's ignore voxels are scored nowhere
+                unknown = reference == spec.ignore_label
+                labels, reference = np.where(unknown, 0, labels), np.where(unknown, 0, reference)
+            pairs.append((labels, reference))
         print(f"fold {k}: {len(cases)} validation case(s) predicted", flush=True)
     if not pairs:
         raise ConfigError("no validation case with a label file in any fold", run_dir)

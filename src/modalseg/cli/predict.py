@@ -1,19 +1,41 @@
 """``modalseg predict``: segment NIfTI/NRRD volumes or DICOM series with trained models (several folds are ensembled);
-labels are written as images or, with ``--output-format dicom-seg``, as DICOM Segmentations (data/dicom_seg.py)."""
+labels are written as images or, with ``--output-format dicom-seg``, as DICOM Segmentations (data/dicom_seg.py).
+
+``--backend`` chooses how the networks run: PyTorch (checkpoints), or ONNX Runtime / OpenVINO (export folders of
+``modalseg export``; a run or fold given with one of these is exported to a temporary folder first). The path for
+export folders imports no torch: ``python -m modalseg.deploy.runtime`` is this command without it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modalseg.inference.predictor import LoadedModel
 
 OUTPUT_FORMATS = ("image", "dicom-seg")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 HELP = "segment volumes (one file per modality) and write label volumes with the input's geometry"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", nargs="+", required=True,
-                   help="checkpoint file(s), fold folder(s) or a run folder (all folds are ensembled)")
+def add_arguments(p: argparse.ArgumentParser, *, runtime: bool = False) -> None:
+    """The command's options; ``runtime``: those of the torch-free runtime (export folders only)."""
+    if runtime:
+        p.add_argument("--model", nargs="+", required=True,
+                       help="export folder(s) of `modalseg export` (all folds are ensembled)")
+        p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) | openvino")
+    else:
+        p.add_argument("--model", nargs="+", required=True,
+                       help="checkpoint file(s), fold folder(s) or a run folder (all folds are ensembled), or the "
+                            "export folder(s) of `modalseg export`")
+        p.add_argument("--backend", default="auto",
+                       help="auto (default: torch for checkpoints, onnxruntime for export folders) | torch | "
+                            "onnxruntime | openvino (runs and folds are exported to a temporary folder first)")
     p.add_argument("--input", nargs="+", required=True,
                    help="a folder of CASE_0000.nii.gz-style files or of 4D files (one per case, channels = "
                         "modalities); a folder of <modality>.nii.gz files or <modality>/ DICOM series folders (one "
@@ -27,8 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", help="unpaired models: which modality the input is")
     p.add_argument("--probabilities", action="store_true", help="also write CASE_prob_<class><file ending>")
     # No argparse `type=`/`choices=`: their errors print usage on a second line; `run` checks these (one line).
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (onnxruntime and openvino: cpu)")
+    p.add_argument("--precision", default="auto",
+                   help="auto | bf16 | fp16 | fp32 (onnxruntime: fp32, the graphs as exported; openvino: fp32 or "
+                        "bf16; auto is fp32 for both)")
     p.add_argument("--batch-size", default=8,
                    help="slices per forward pass (default 8: fastest measured on 2 CPU cores at 256x256)")
     p.add_argument("--file-ending", default=None,
@@ -39,16 +63,90 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "needs pip install 'modalseg[dicom]'; --probabilities are still written as images)")
 
 
+def choose_backend(requested: str, models: Sequence[str | Path]) -> str:
+    """The backend ``--backend`` means for these ``--model`` paths (``auto``: torch for checkpoints, onnxruntime
+    for export folders); export folders and checkpoints are not mixed, and torch cannot run an export."""
+    from modalseg.deploy.card import is_export
+    from modalseg.errors import ConfigError
+
+    if requested not in BACKENDS:
+        raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    exports = [is_export(m) for m in models]
+    if any(exports) and not all(exports):
+        raise ConfigError("--model mixes export folders and checkpoints or runs; give one kind")
+    if requested == "auto":
+        return "onnxruntime" if all(exports) else "torch"
+    if requested == "torch" and all(exports):
+        raise ConfigError(f"--backend torch needs checkpoints; {models[0]} is an export folder (ONNX graphs): use "
+                          "--backend onnxruntime or openvino")
+    return requested
+
+
+def exported_precision(backend: str, precision: str, device: str) -> str:
+    """The precision of an onnxruntime/openvino run (``auto`` = fp32: nothing is measured), refusing what they
+    cannot do (one line naming the flag)."""
+    from modalseg.errors import ConfigError
+
+    if device not in ("auto", "cpu"):
+        raise ConfigError(f"--device {device}: the {backend} backend runs on the CPU (use --device cpu or auto)")
+    allowed = ("fp32", "bf16") if backend == "openvino" else ("fp32",)
+    chosen = "fp32" if precision == "auto" else precision
+    if chosen not in allowed:
+        raise ConfigError(f"--precision {precision}: the {backend} backend runs {' or '.join(allowed)}")
+    return chosen
+
+
+def load_exported(
+    paths: Sequence[str | Path], backend: str, precision: str, *, which: str, stack: contextlib.ExitStack,
+) -> tuple[list[LoadedModel], str]:
+    """(models, "onnxruntime fp32 on cpu") for export folders, or for runs/folds/checkpoints exported first into a
+    temporary folder that ``stack`` removes when predict ends; every model must describe the same kind of model."""
+    import tempfile
+
+    from modalseg.deploy.card import is_export, read_card
+    from modalseg.deploy.loader import describe_backend, load_export
+    from modalseg.errors import CheckpointError
+
+    models: list[LoadedModel] = []
+    label = None
+    for k, p in enumerate(paths):
+        folder = Path(p)
+        exported_now = not is_export(folder)
+        if exported_now:
+            from modalseg.deploy.export import export_run  # needs torch, as the checkpoint does
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="modalseg-export-")))
+            folder = tmp / f"export_{k}"
+            export_run(p, folder, which=which, echo=False)
+        card = read_card(folder)
+        label = label or describe_backend(backend, card, precision)
+        loaded = load_export(folder, backend, precision=precision)
+        if exported_now:  # name the checkpoints, not the temporary graphs
+            base = Path(p) if Path(p).is_dir() else Path(p).parent
+            for m, fold in zip(loaded, card.folds(), strict=True):
+                m.path = base / fold["checkpoint"]
+        models.extend(loaded)
+    first = models[0].meta
+    for m in models[1:]:
+        mine = (m.meta.labels, getattr(m.meta, "regions", None), m.meta.modalities, m.meta.preprocess)
+        if mine != (first.labels, getattr(first, "regions", None), first.modalities, first.preprocess):
+            raise CheckpointError(f"cannot ensemble: model {m.meta.describe()} differs from {first.describe()}", m.path)
+    return models, label or backend
+
+
 def run(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        return _run(args, stack)
+
+
+def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from modalseg.data.io import is_supported
     from modalseg.errors import ConfigError, OutputError
     from modalseg.training.config import check_option, cli_int
-    from modalseg.training.precision import resolve_device, resolve_precision
     from modalseg.training.predict import (
         check_outputs_spare_inputs,
         dicom_seg_output_paths,
         find_cases,
-        load_models,
         output_ending,
         output_paths,
         predict_case,
@@ -61,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     check_option("device", args.device, label="--device")
     check_option("precision", args.precision, label="--precision")
     args.batch_size = cli_int("--batch-size", args.batch_size, minimum=1)
+    backend = choose_backend(args.backend, args.model)
+    exported = None if backend == "torch" else exported_precision(backend, args.precision, args.device)
     if args.output_format not in OUTPUT_FORMATS:
         raise ConfigError(f"--output-format must be {' or '.join(OUTPUT_FORMATS)}, got {args.output_format!r}")
     dicom_seg = args.output_format == "dicom-seg"
@@ -72,10 +172,18 @@ def run(args: argparse.Namespace) -> int:
     if args.file_ending is not None and not is_supported(f"x{args.file_ending}"):
         raise OutputError(f"--file-ending {args.file_ending!r} is not a supported output format "
                           "(.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd)")
-    device = resolve_device(args.device)
-    requested = None if args.precision == "auto" else resolve_precision(device, args.precision)
-    models = load_models(args.model, requested, device=device, batch_size=args.batch_size, which=args.checkpoint)
-    precision = models[0].precision
+    if exported is None:
+        from modalseg.training.precision import resolve_device, resolve_precision
+        from modalseg.training.predict import load_models
+
+        device = resolve_device(args.device)
+        requested = None if args.precision == "auto" else resolve_precision(device, args.precision)
+        models = load_models(args.model, requested, device=device, batch_size=args.batch_size, which=args.checkpoint)
+        precision = models[0].precision
+        how, what = f"{precision.label} on {precision.device}", "checkpoint"
+    else:
+        models, how = load_exported(args.model, backend, exported, which=args.checkpoint, stack=stack)
+        what = "graph" if all(m.path.suffix == ".onnx" for m in models) else "checkpoint"
     meta = models[0].meta
     cases = find_cases(args.input, meta)
     out = Path(args.output)
@@ -90,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
         dseg.check_outside_series_folders(planned, cases)
     else:
         check_outputs_spare_inputs(planned, cases)
-    print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {precision.label} on {precision.device}")
+    print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {how}")
     for m in models:
-        print(f"  checkpoint {m.describe()}")
+        print(f"  {what} {m.describe()}")
     t_start = time.perf_counter()
     for case, files in cases.items():
         t0 = time.perf_counter()
@@ -110,5 +218,5 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - t_start
     used = ", ".join(sorted({m.path.name for m in models}))
     print(f"done: {len(cases)} case(s) written to {out} in {total:.1f} s ({total / max(len(cases), 1):.1f} s per "
-          f"case) with {len(models)} checkpoint(s) ({used})")
+          f"case) with {len(models)} {what}(s) ({used})")
     return 0

@@ -84,6 +84,8 @@ def _compute(
             continue
         label = read_volume(case.label, kind="label")
         mask = label.array > 0
+        if spec.ignore_label is not None:  # nnU-Net's ignore voxels are not foreground
+            mask &= label.array != spec.ignore_label
         for c in channels:
             image = read_volume(case.images[c])
             if image.shape != label.shape:  # another grid: its foreground is not this mask

@@ -44,8 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from modalseg.data.geometry import (
     Reorientation,
@@ -218,6 +216,11 @@ def _resize(array: np.ndarray, size: Sequence[int], *, is_label: bool) -> np.nda
     """Resize the last two axes: bilinear (align_corners=False, no antialias) or nearest-exact for labels."""
     if tuple(array.shape[-2:]) == tuple(size):
         return array
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:  # the torch-free runtime of exported models (modalseg.deploy.runtime)
+        return _resize_numpy(array, size, is_label=is_label)
     lead = array.shape[:-2]
     t = torch.from_numpy(np.ascontiguousarray(array).reshape((1, -1) + array.shape[-2:]))
     if is_label:
@@ -226,6 +229,43 @@ def _resize(array: np.ndarray, size: Sequence[int], *, is_label: bool) -> np.nda
         return out.numpy().reshape(lead + tuple(size)).astype(array.dtype)
     out = F.interpolate(t.to(torch.float32), size=tuple(size), mode="bilinear", align_corners=False)
     return out.numpy().reshape(lead + tuple(size)).astype(array.dtype, copy=False)
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of ``bilinear`` (align_corners=False) along one axis as torch's CPU kernel
+    computes them: scale ``n_in / n_out`` in float32, source position ``scale * (i + 0.5) - 0.5`` rounded once
+    (its fused multiply-add) and clamped at 0, the lower neighbour and the fraction."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = (np.float64(scale) * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    frac = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+    return i0, np.minimum(i0 + 1, n_in - 1), np.float32(1) - frac, frac
+
+
+def _resize_numpy(array: np.ndarray, size: Sequence[int], *, is_label: bool) -> np.ndarray:
+    """:func:`_resize` where torch is not installed (the exported-model runtime): the same sampling, width then
+    height as torch's separable kernel; labels equal, images within a few float32 rounding steps of torch's."""
+    lead = array.shape[:-2]
+    h, w = array.shape[-2:]
+    out_h, out_w = int(size[0]), int(size[1])
+    x = np.ascontiguousarray(array).reshape((-1, h, w))
+    if is_label:  # nearest-exact: source index floor((i + 0.5) * scale), never past the last pixel
+        rows = np.minimum(np.floor((np.arange(out_h, dtype=np.float32) + np.float32(0.5))
+                                   * (np.float32(h) / np.float32(out_h))).astype(np.int64), h - 1)
+        cols = np.minimum(np.floor((np.arange(out_w, dtype=np.float32) + np.float32(0.5))
+                                   * (np.float32(w) / np.float32(out_w))).astype(np.int64), w - 1)
+        return x[:, rows][:, :, cols].reshape(lead + (out_h, out_w)).astype(array.dtype)
+
+    def lerp(a: np.ndarray, b: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
+        return (a.astype(np.float64) * w0 + (b * w1).astype(np.float64)).astype(np.float32)
+
+    x = x.astype(np.float32, copy=False)
+    c0, c1, cw0, cw1 = _linear_taps(w, out_w)
+    r0, r1, rw0, rw1 = _linear_taps(h, out_h)
+    cols = lerp(x[:, :, c0], x[:, :, c1], cw0, cw1)
+    out = lerp(cols[:, r0], cols[:, r1], rw0[:, None], rw1[:, None])
+    return out.reshape(lead + (out_h, out_w)).astype(array.dtype, copy=False)
 
 
 def volume_stats(images: np.ndarray, modes: Sequence[str] | None = None) -> list[dict[str, float]]:

@@ -163,7 +163,7 @@ def verify_dataset(
         report.problems.append(f"{spec.root}: no cases found ({spec.layout} layout)")
         return report
     problems, warnings = report.problems, report.warnings
-    allowed = set(spec.labels.values()) | set(spec.labels_to_background)
+    allowed = set(spec.label_lut())  # classes, labels_to_background, region values and nnU-Net's ignore label
     allowed_text = ", ".join(str(v) for v in sorted(allowed))
     found_values: set[int] = set()
     shapes: list[tuple[int, ...]] = []

@@ -438,13 +438,13 @@ class Paper1(Experiment):
     def evaluate(self, job: Job, trainer: Any, summary: dict[str, Any], train_seconds: float,
                  weights: Path) -> dict[str, Any]:
         """Per-slice metrics of the fold's validation slices (foreground class) and the saved predictions."""
-        from modalseg.training.evaluate import evaluate_predictions
+        from modalseg.training.evaluate import evaluate_model_predictions
 
         plan, model, run, fold = self.plan, job.key["model"], job.key["run"], job.fold
         val = trainer.predict_split("val")["all"]
         n_empty, n_reference = count_empty_slices(val.pred, val.target)
         class_names = list(trainer.meta.labels)
-        _per_patient, per_slice = evaluate_predictions(val.pred, val.target, val.records, class_names)
+        _per_patient, per_slice = evaluate_model_predictions(val.pred, val.target, val.records, trainer.meta)
         slices = []
         for i, m in enumerate(per_slice):
             rec = val.records[i // (len(class_names) - 1)]

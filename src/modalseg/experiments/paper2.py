@@ -460,7 +460,7 @@ class Paper2(Experiment):
     def evaluate(self, job: Job, trainer: Any, summary: dict[str, Any], train_seconds: float,
                  weights: Path) -> dict[str, Any]:
         """Per-patient volume metrics of every modality's validation patients and the Fig. 6 slices."""
-        from modalseg.training.evaluate import evaluate_predictions
+        from modalseg.training.evaluate import evaluate_model_predictions
         from modalseg.utils.atomic import atomic_write
 
         setting, run, fold = job.key["setting"], job.key["run"], job.fold
@@ -477,7 +477,7 @@ class Paper2(Experiment):
                 missing_modalities.append(modality)
                 continue
             val = predictions[modality]
-            per_patient, _per_slice = evaluate_predictions(val.pred, val.target, val.records, class_names)
+            per_patient, _per_slice = evaluate_model_predictions(val.pred, val.target, val.records, trainer.meta)
             voxels = voxel_distances(val.pred, val.target, val.records, class_names)
             rows += [
                 m.as_dict(setting=DISPLAY[setting], setting_key=setting, run=run, fold=fold, modality=modality,

@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from modalseg.data.geometry import geometry_problems, onto_grid
 from modalseg.data.io import read_volume, strip_extension
@@ -35,9 +35,13 @@ from modalseg.data.verify import intensity_problems
 from modalseg.errors import CheckpointError, DataError
 from modalseg.inference.backends import Backend, TorchBackend
 from modalseg.inference.inferers import SliceInferer, ensemble_probabilities
-from modalseg.training.checkpoint import TrainedCheckpoint, find_checkpoints, read_checkpoint
 from modalseg.training.model_meta import ModelMeta
-from modalseg.training.precision import Precision
+
+if TYPE_CHECKING:  # torch is imported where a torch model is loaded: exported models run without it
+    import torch
+
+    from modalseg.training.checkpoint import TrainedCheckpoint
+    from modalseg.training.precision import Precision
 
 __all__ = ["LoadedModel", "Prediction", "Predictor", "load_models"]
 
@@ -74,6 +78,8 @@ def _choose_inference_precision(
     network: torch.nn.Module, meta: ModelMeta, device: str | torch.device, batch_size: int
 ) -> Precision:
     """``--precision auto``: the fastest measured mode for this network at its input size (one printed line)."""
+    import torch
+
     from modalseg.training.precision_probe import choose_precision
 
     pp = meta.preprocess
@@ -115,6 +121,8 @@ def load_models(
     loaded, BN folded) on a batch of ``batch_size`` slices of its input size (training/precision_probe.py), the
     choice is printed in one line and used for every model (``models[0].precision``).
     """
+    from modalseg.training.checkpoint import find_checkpoints, read_checkpoint
+
     models: list[LoadedModel] = []
     for p in paths:
         for ckpt in find_checkpoints(p, which):

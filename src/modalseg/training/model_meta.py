@@ -7,27 +7,37 @@ Kept apart from :mod:`modalseg.training.tasks` (the training losses) so that loa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
 from modalseg.data.types import IGNORE_INDEX, DatasetSpec, paint_regions
 from modalseg.errors import ConfigError
-from modalseg.models import create_model, list_models
-from modalseg.models.unpaired import UnpairedSegmenter
 
-__all__ = ["SINGLE_MODALITY_MODELS", "ModelMeta", "build_network", "decode_outputs", "paint_regions", "regions_of",
-           "paired_channels"]
+if TYPE_CHECKING:  # the models (torch) are imported where a network is built: ModelMeta is plain data
+    from torch import nn
+
+__all__ = ["ModelMeta", "build_network", "decode_outputs", "paint_regions", "regions_of",
+           "paired_channels", "single_modality_models"]
 
 #: Fields added after the first release, with their defaults: left out of ``to_dict`` while at the default, so a
 #: model without them writes the very description older releases wrote (and ``--resume`` compares equal).
 _OPTIONAL_FIELDS: dict[str, Any] = {"regions": None, "ignore_label": None}
 
 
-#: Models that see one modality (paper 1: U-Net and U-Net + SA are trained on T1C only): the registered models
-#: whose card says ``inputs="single"``.
-SINGLE_MODALITY_MODELS = frozenset(list_models(inputs="single"))
+def single_modality_models() -> frozenset[str]:
+    """Models that see one modality (paper 1: U-Net and U-Net + SA are trained on T1C only): the registered models
+    whose card says ``inputs="single"``. A function (``SINGLE_MODALITY_MODELS`` is computed on first use) because it
+    needs the model registry, hence torch, which ``ModelMeta`` itself does not (the exported-model runtime)."""
+    from modalseg.models import list_models
+
+    return frozenset(list_models(inputs="single"))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SINGLE_MODALITY_MODELS":
+        return single_modality_models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,9 @@ def decode_outputs(probs: np.ndarray, meta: ModelMeta, axis: int = 1) -> np.ndar
 
 def build_network(meta: ModelMeta) -> nn.Module:
     """Rebuild the network described by ``meta`` (weights freshly initialised)."""
+    from modalseg.models import create_model
+    from modalseg.models.unpaired import UnpairedSegmenter
+
     if meta.kind == "paired":
         return create_model(
             meta.model,
@@ -139,7 +152,7 @@ def regions_of(spec: DatasetSpec) -> dict[str, list[int]] | None:
 def paired_channels(spec: DatasetSpec, model: str, modalities: list[str] | None) -> list[str]:
     """Modalities a paired model uses, master first (single-modality models: the first channel)."""
     if modalities is None:
-        modalities = spec.modalities[:1] if model in SINGLE_MODALITY_MODELS else list(spec.modalities)
+        modalities = spec.modalities[:1] if model in single_modality_models() else list(spec.modalities)
     unknown = [m for m in modalities if m not in spec.modalities]
     if unknown:
         raise ConfigError(f"modalities {unknown} not in the dataset's channels {spec.modalities}")

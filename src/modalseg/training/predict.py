@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,11 +32,20 @@ from modalseg.data.types import Volume
 from modalseg.errors import DataError, OutputError
 from modalseg.inference.inferers import SliceInferer
 from modalseg.inference.predictor import LoadedModel, Predictor, load_models  # noqa: F401  (re-exported)
-from modalseg.training.checkpoint import CHECKPOINT_CHOICES, find_checkpoints  # noqa: F401  (re-exported)
 from modalseg.training.model_meta import ModelMeta
 from modalseg.utils.names import check_name, child_path
 
 _CHANNEL_RE = re.compile(r"^(.*)_(\d{4})$")
+
+
+def __getattr__(name: str) -> Any:
+    """``CHECKPOINT_CHOICES`` and ``find_checkpoints`` (re-exported) come from the checkpoint module, which imports
+    torch: imported on first use, so that this file layer also serves the torch-free runtime of exported models."""
+    if name in ("CHECKPOINT_CHOICES", "find_checkpoints"):
+        from modalseg.training import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _one_file_per_case(files: Sequence[Path], key) -> dict[str, Path]:
