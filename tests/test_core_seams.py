@@ -221,3 +221,46 @@ def test_predictor_in_memory_api_matches_files_and_takes_any_backend(trained_run
     assert backend.calls and all(shape[0] <= 2 for shape in backend.calls)
     np.testing.assert_allclose(result.probabilities, from_files.probabilities, atol=1e-5)
     assert (result.labels == from_files.labels).mean() > 0.999
+
+
+class RecordingBackend:
+    """Records the network inputs it is given; predicts background everywhere."""
+
+    size_multiple, min_size = 1, 1
+
+    def __init__(self) -> None:
+        self.inputs: list[np.ndarray] = []
+
+    def session(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def __call__(self, x, modality, window):
+        self.inputs.append(x.copy())
+        top, height, left, width = window
+        probs = np.zeros((x.shape[0], 2, height, width), np.float32)
+        probs[:, 0] = 1.0
+        return probs
+
+
+def test_unpaired_predict_normalises_each_modality_as_its_training_cache_did():
+    """A per-modality normalisation list (here: none for CT, max_slice for MR): predicting MR must use MR's entry,
+    as the cache did for MR cases (before the fix every modality got the list's first entry)."""
+    from modalseg.data.preprocess import PreprocessConfig
+    from modalseg.data.types import Volume
+    from modalseg.inference.predictor import LoadedModel
+    from modalseg.training.model_meta import ModelMeta
+
+    pp = PreprocessConfig(normalization=["none", "max_slice"], target_size=None, crop="none").to_dict()
+    meta = ModelMeta(kind="unpaired", model="dilated_fcn", model_options={}, modalities=["CT", "MR"], num_classes=2,
+                     labels={"background": 0, "heart": 1}, preprocess=pp, setting="msbn", channel_names=["CT", "MR"])
+    backend = RecordingBackend()
+    predictor = Predictor([LoadedModel(backend, meta, Path("model.pt"))])
+    image = np.random.default_rng(0).uniform(10, 50, size=(8, 8, 3)).astype(np.float32)
+    predictor.predict([Volume(image, np.eye(4))], modality="MR")
+    slices = np.concatenate(backend.inputs)
+    assert np.allclose(slices.max(axis=(1, 2, 3)), 1.0)  # max_slice: every slice scaled to max 1
+    backend.inputs.clear()
+    predictor.predict([Volume(image, np.eye(4))], modality="CT")
+    assert np.concatenate(backend.inputs).max() > 10  # "none": raw values

@@ -97,3 +97,40 @@ def test_postprocess_determine_on_a_cross_validation_run(tmp_path, capsys):
     assert main(["postprocess", "--determine", str(tmp_path / "ds")]) == 2  # not a run folder: one line
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no splits.json" in err[0]
+
+
+def test_predict_cli_tta_and_postprocessing(trained_run, tmp_path, capsys):
+    from scipy import ndimage
+
+    from modalseg.cli.main import main
+    from modalseg.data.io import read_volume
+
+    data, run = trained_run
+    images = data / "imagesTr"
+    base = ["predict", "--model", str(run), "--checkpoint", "latest", "--input", str(images), "--precision", "fp32"]
+    assert main([*base, "--output", str(tmp_path / "plain"), "--postprocess", "none"]) == 0
+    assert main([*base, "--output", str(tmp_path / "tta"), "--tta", "flip", "--postprocess", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "test-time flips" in out
+    plain = sorted((tmp_path / "plain").glob("*.nii.gz"))
+    assert plain and [p.name for p in plain] == sorted(p.name for p in (tmp_path / "tta").glob("*.nii.gz"))
+    assert main([*base, "--output", str(tmp_path / "largest"), "--postprocess", "largest-component"]) == 0
+    assert "post-processing: label 1: largest-component" in capsys.readouterr().out
+    for path in sorted((tmp_path / "largest").glob("*.nii.gz")):
+        labels = read_volume(path, kind="label").array
+        assert ndimage.label(labels == 1)[1] <= 1
+        before = read_volume(tmp_path / "plain" / path.name, kind="label").array
+        assert ((labels == 1) <= (before == 1)).all()  # only removes
+    # auto: the run's decision file is applied (here one that removes every component)
+    (run / "postprocessing.json").write_text(json.dumps(PostProcessing({1: "min-size=1000000"}).to_dict()))
+    try:
+        assert main([*base, "--output", str(tmp_path / "auto")]) == 0
+        assert "post-processing: label 1: min-size=1000000" in capsys.readouterr().out
+        assert all(not read_volume(p, kind="label").array.any() for p in (tmp_path / "auto").glob("*.nii.gz"))
+    finally:
+        (run / "postprocessing.json").unlink()
+    for option, value in (("--tta", "rotate"), ("--postprocess", "biggest")):
+        assert main([*base, "--output", str(tmp_path / "bad"), option, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and value in err[0]
+    assert not (tmp_path / "bad").exists()

@@ -57,6 +57,11 @@ def add_arguments(p: argparse.ArgumentParser, *, runtime: bool = False) -> None:
                    help="slices per forward pass (default 8: fastest measured on 2 CPU cores at 256x256)")
     p.add_argument("--file-ending", default=None,
                    help="output format: .nii.gz, .nii, .nrrd or .mha (default: the input's format; .nii.gz for DICOM)")
+    p.add_argument("--tta", default="none",
+                   help="test-time augmentation: none (default) | flip (mean of the 4 in-plane mirrored predictions)")
+    p.add_argument("--postprocess", default="auto",
+                   help="auto (default: the run's postprocessing.json from `modalseg postprocess --determine`, if "
+                        "any) | none | largest-component | min-size=N (voxels), per foreground class")
     p.add_argument("--output-format", default="image",
                    help="image (default): label volumes as --file-ending says; dicom-seg: one DICOM Segmentation per "
                         "case, CASE.dcm, referring to the DICOM series of the first modality (DICOM inputs only; "
@@ -134,6 +139,32 @@ def load_exported(
     return models, label or backend
 
 
+def choose_postprocessing(option: str, models: Sequence[str | Path], meta):  # noqa: ANN001, ANN201
+    """The post-processing ``--postprocess`` means (None: none). ``auto`` takes ``postprocessing.json`` of a
+    single run folder given as ``--model`` (written by ``modalseg postprocess --determine``)."""
+    from modalseg.errors import ConfigError
+    from modalseg.inference.postprocess import PostProcessing, load_postprocessing
+
+    regions = getattr(meta, "regions", None) is not None
+    if option == "none":
+        return None
+    if option != "auto":
+        if regions:
+            raise ConfigError(f"--postprocess {option}: region-based models paint nested regions; connected-component "
+                              "post-processing is not defined for them yet")
+        return PostProcessing.for_all(option, list(meta.labels.values()))
+    if len(models) != 1 or not Path(models[0]).is_dir():
+        return None
+    found = load_postprocessing(Path(models[0]))
+    if found is None or not found.rules or regions:
+        return None
+    unknown = sorted(set(found.rules) - set(meta.labels.values()))
+    if unknown:
+        raise ConfigError(f"post-processing for label value(s) {unknown} that the model does not predict",
+                          Path(models[0]) / "postprocessing.json")
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         return _run(args, stack)
@@ -159,6 +190,14 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     check_option("device", args.device, label="--device")
     check_option("precision", args.precision, label="--precision")
     args.batch_size = cli_int("--batch-size", args.batch_size, minimum=1)
+    from modalseg.inference.tta import TTA_MODES
+
+    if args.tta not in TTA_MODES:
+        raise ConfigError(f"--tta must be one of {', '.join(TTA_MODES)}, got {args.tta!r}")
+    if args.postprocess not in ("auto", "none"):
+        from modalseg.inference.postprocess import parse_operation
+
+        parse_operation(args.postprocess)
     backend = choose_backend(args.backend, args.model)
     exported = None if backend == "torch" else exported_precision(backend, args.precision, args.device)
     if args.output_format not in OUTPUT_FORMATS:
@@ -198,15 +237,21 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         dseg.check_outside_series_folders(planned, cases)
     else:
         check_outputs_spare_inputs(planned, cases)
-    print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {how}")
+    postprocessing = choose_postprocessing(args.postprocess, args.model, meta)
+    print(f"{len(models)} model(s) {meta.describe()}, {len(cases)} case(s), {how}"
+          + (", test-time flips" if args.tta == "flip" else ""))
     for m in models:
         print(f"  {what} {m.describe()}")
+    if postprocessing is not None:
+        print(f"  post-processing: {postprocessing.describe()}")
     t_start = time.perf_counter()
     for case, files in cases.items():
         t0 = time.perf_counter()
         labels, probs, ref = predict_case(models, files, modality=args.modality,
                                           strict=args.strict_geometry, case=case,
-                                          batch_size=args.batch_size)
+                                          batch_size=args.batch_size, tta=args.tta)
+        if postprocessing is not None:
+            labels = postprocessing.apply(labels)
         if dicom_seg:
             written = write_dicom_seg_prediction(out, case, labels, probs if args.probabilities else None, ref,
                                                  files[0], dict(meta.labels), model_name=meta.model,

@@ -68,9 +68,9 @@ def _modes(preprocess: dict[str, Any], kind: str, modalities: Sequence[str], cha
     norm = preprocess.get("normalization", "zscore_slice")
     if isinstance(norm, str):
         return [norm] * len(modalities)
-    if kind == "paired":
-        return [norm[list(channel_names).index(m)] for m in modalities]
-    return [norm[0]] * len(modalities)  # one image per forward pass: the predictor normalises it as channel 0
+    # paired and unpaired alike: each modality's entry by its place among the dataset's channel names
+    names = list(channel_names or modalities)
+    return [norm[names.index(m)] for m in modalities]
 
 
 def describe_preprocessing(

@@ -245,8 +245,10 @@ class Predictor:
             channels: list[int] | None = [channel_names.index(m) for m in meta.modalities]
             branch = None
         else:
-            channels = None
-            branch = meta.modalities.index(self.choose_modality(modality, first_path))
+            chosen = self.choose_modality(modality, first_path)
+            branch = meta.modalities.index(chosen)
+            # the modality's place in a per-modality normalisation list, as the training cache used it
+            channels = [(meta.channel_names or meta.modalities).index(chosen)]
         # the checkpoint's deterministic transforms (canonical order, normalise, slices, crop, resize), recorded
         # in the sample's trace so that one invert() returns to the first volume's grid and voxel order
         stacked = np.stack([v.array for v in aligned], axis=0)

@@ -333,11 +333,15 @@ def predict_case(
     batch_size: int = 8,
     strict: bool = False,
     case: str | None = None,
+    tta: str = "none",
 ) -> tuple[np.ndarray, np.ndarray, Volume]:
     """(label volume in file label values, probabilities (C, X, Y, Z), reference volume) of one case's files:
     :meth:`modalseg.inference.Predictor.predict_files` with the case named as ``find_cases`` names explicitly
-    given files (the name appears in the lines that say an assistant was resampled)."""
-    predictor = Predictor(models, inferer=SliceInferer(batch_size))
+    given files (the name appears in the lines that say an assistant was resampled); ``tta="flip"`` averages the
+    in-plane mirrored predictions (inference/tta.py)."""
+    from modalseg.inference.tta import with_tta
+
+    predictor = Predictor(models, inferer=with_tta(SliceInferer(batch_size), tta))
     if case is None:
         meta = predictor.meta
         needed = [(meta.channel_names or meta.modalities).index(m) for m in meta.modalities] \
