@@ -264,3 +264,34 @@ def test_unpaired_predict_normalises_each_modality_as_its_training_cache_did():
     backend.inputs.clear()
     predictor.predict([Volume(image, np.eye(4))], modality="CT")
     assert np.concatenate(backend.inputs).max() > 10  # "none": raw values
+
+
+def test_batch_norm_recalibration_callback_runs_once_after_a_completed_fit(cardiac_dataset, tmp_path):
+    """The callback form of paper 2's optional BN re-estimation: statistics change, dropout is off during it,
+    the final latest.pt holds them; a failed fit does not recalibrate."""
+    from modalseg.training.callbacks import BatchNormRecalibration
+    from modalseg.training.config import TrainConfig
+
+    cfg = TrainConfig(data=str(cardiac_dataset), output=str(tmp_path / "run"), model="dilated_fcn",
+                      model_options={"width": 2}, setting="msbn", epochs=1, max_steps=2, batch_size=2, folds=5,
+                      fold=0, seed=0, precision="fp32", progress=False, tensorboard=False)
+    trainer = Trainer(cfg, console=False, callbacks=[*default_callbacks(), BatchNormRecalibration()])
+    trainer.fit()
+    bn = next(m for m in trainer.network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    saved = load_checkpoint(tmp_path / "run" / "fold_0" / "latest.pt")["model_state"]
+    key = next(k for k in saved if k.endswith("running_var"))
+    assert torch.equal(saved[key], dict(trainer.network.state_dict())[key])
+    assert bn.momentum == 0.1 and trainer.fit_completed
+    plain = Trainer(TrainConfig(**{**cfg.to_dict(), "output": str(tmp_path / "plain")}), console=False)
+    plain.fit()  # the same training without the callback: the same weights, other BN statistics
+    other = dict(plain.network.state_dict())
+    assert not torch.equal(other[key], saved[key])
+    conv = next(k for k in saved if k.endswith("weight") and saved[k].dim() == 4)
+    assert torch.equal(other[conv], saved[conv])
+    failing = Trainer(TrainConfig(**{**cfg.to_dict(), "output": str(tmp_path / "bad"), "lr": 1e39}),
+                      console=False, callbacks=[*default_callbacks(), BatchNormRecalibration()])
+    from modalseg.errors import TrainingError
+
+    with pytest.raises(TrainingError):
+        failing.fit()
+    assert not failing.fit_completed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from modalseg import __version__
@@ -56,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1
+    return run_guarded(lambda: args._run(args), f"modalseg {args.command}")
+
+
+def run_guarded(run: Callable[[], int | None], prog: str) -> int:
+    """Run a command: a :class:`ModalsegError` is one line ``<prog>: error: ...`` on stderr and its exit code, an
+    interrupt exit 130, a closed pipe exit 141 without a traceback (also used by the torch-free runtime)."""
     try:
-        return int(args._run(args) or 0)
+        return int(run() or 0)
     except BrokenPipeError:
         # `modalseg ... | head`: the reader left. Python's advice: point stdout at devnull so that the flush at
         # exit does not raise again, and exit quietly (as other command-line tools do).
@@ -67,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
     except ModalsegError as err:
-        print(f"modalseg {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"modalseg {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

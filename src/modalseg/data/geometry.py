@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -336,21 +337,7 @@ def same_grid_in_other_order(vol: Volume, ref: Volume, *, spacing_tol: float = 1
     return None if problems else rr
 
 
-def onto_grid(
-    vol: Volume,
-    ref: Volume,
-    *,
-    name: str,
-    ref_name: str,
-    kind: str = "image",
-    strict: bool = False,
-    case: str | None = None,
-    fill: float | None = None,
-    origin_tol_voxels: float | None = None,
-    grid_name: str | None = None,
-    spacing_tol: float = 1e-3,
-    direction_tol: float = 1e-3,
-) -> tuple[Volume, str | None]:
+def onto_grid(vol: Volume, ref: Volume, **options: Any) -> tuple[Volume, str | None]:
     """``vol`` on ``ref``'s grid, and one line saying what was done (``None`` on the fast path).
 
     Fast path (shape, spacing and orientation within the tolerances of ``geometry_problems``): ``vol`` itself.
@@ -358,11 +345,10 @@ def onto_grid(
     exactly, any other grid is resampled (:func:`resample_onto`). With ``origin_tol_voxels`` (labels), an
     origin further off on the fast path is refused, as ``modalseg verify`` does. A ``vol`` that covers no part
     of ``ref`` raises :class:`DataError` (one line naming ``vol``'s file). ``grid_name`` names ``ref``'s grid in
-    the line (default ``"<ref_name>'s"``).
+    the line (default ``"<ref_name>'s"``). The keyword options are :func:`onto_grid_how`'s (``name`` and
+    ``ref_name`` required); an unknown one is a ``TypeError`` there, never ignored.
     """
-    out, note, _ = onto_grid_how(vol, ref, name=name, ref_name=ref_name, kind=kind, strict=strict, case=case,
-                                 fill=fill, origin_tol_voxels=origin_tol_voxels, grid_name=grid_name,
-                                 spacing_tol=spacing_tol, direction_tol=direction_tol)
+    out, note, _ = onto_grid_how(vol, ref, **options)
     return out, note
 
 

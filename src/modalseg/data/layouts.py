@@ -320,14 +320,21 @@ def _parse_labels(labels: Any, path: Path, key: str = "labels", order: Any = Non
         regions = _parse_regions(dict(list(entries.items())[1:]), order, path, key)
         out = {first_name: 0, **{name: int(v) for name, v in zip(regions, order, strict=True)}}
         used = {0, *(v for vs in regions.values() for v in vs)}
-    if ignore is not None:
-        clash = [n for n, vs in entries.items() if ignore in vs]
-        if clash:
-            raise DataError(f"key {key!r}: the ignore label {ignore} is also the value of {clash[0]!r}", path)
-        if ignore < max(used):
-            raise DataError(f"key {key!r}: the ignore label {ignore} must be the highest label value "
-                            f"(nnU-Net's rule; {max(used)} is higher)", path)
+    check_ignore_label(ignore, entries, used, path, key)
     return LabelDefinition(out, ignore, regions)
+
+
+def check_ignore_label(ignore: int | None, entries: dict[str, Any], used: set[int], path: Path,
+                       key: str = "labels") -> None:
+    """nnU-Net's rules for its ``ignore`` label: the value of no class or region, and the highest label value."""
+    if ignore is None:
+        return
+    clash = [n for n, vs in entries.items() if ignore in (vs if isinstance(vs, list | tuple) else [vs])]
+    if clash:
+        raise DataError(f"key {key!r}: the ignore label {ignore} is also the value of {clash[0]!r}", path)
+    if ignore < max(used):
+        raise DataError(f"key {key!r}: the ignore label {ignore} must be the highest label value "
+                        f"(nnU-Net's rule; {max(used)} is higher)", path)
 
 
 def _parse_regions(regions: dict[str, tuple[int, ...]], order: Any, path: Path, key: str) -> dict[str, tuple[int, ...]]:

@@ -24,27 +24,21 @@ __all__ = ["RUNTIME_BACKENDS", "load_export", "main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """``modalseg predict`` for export folders, without torch: same options, outputs and one-line errors."""
     from modalseg.cli import predict as predict_cli
-    from modalseg.cli.main import OneLineParser
-    from modalseg.errors import ModalsegError
+    from modalseg.cli.main import OneLineParser, run_guarded
 
     parser = OneLineParser(prog="python -m modalseg.deploy.runtime",
                            description="segment volumes with an exported model (ONNX Runtime or OpenVINO, no "
                                        "PyTorch); the options and outputs of `modalseg predict`")
     predict_cli.add_arguments(parser, runtime=True)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         for m in args.model:
             if not is_export(m):
                 read_card(m)  # the one-line reason: not an export folder, unreadable card, ...
         return int(predict_cli.run(args) or 0)
-    except BrokenPipeError:
-        return 141
-    except ModalsegError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+
+    return run_guarded(run, parser.prog)
 
 
 if __name__ == "__main__":

@@ -191,77 +191,43 @@ def _named(card: ModelCard, builder: Callable[..., nn.Module]) -> Callable[..., 
     return register_model(card)(builder)
 
 
-_fusion_builder(
-    _card(
-        "unet", 1, "U-Net (T1C)", "single", 64, 34_527_106, 34.5,
-        "U-Net (Table 1 row 1): one modality, widths 64..1024, bilinear + conv upsampling.",
-        # Paper 2 (unpaired) with paper 1's U-Net as backbone: the closest intermediate pair at equal
-        # resolution is the last encoder block before the bottleneck and the first decoder block (1/8).
-        affinity_layers=("master.blocks.3", "decoder.ups.0"),
-    )
+#: Paper 1's U-Net family (Table 1), one row per model: the card's facts (name, Table-1 row and label, inputs,
+#: default width, reconstructed and printed parameter counts, description) and the FusionConfig layout switches.
+#: fuse_origin_unet: the reconstructed 56.164M includes the assistants' deepest block; paper 1 does not say what it
+#: feeds. Rather than leave ~14M parameters dead we add it into the master's bottleneck (parameter-free,
+#: FuseNet-style sum), so every parameter is trained. unet: as paper 2's backbone (unpaired), the closest
+#: intermediate pair at equal resolution is the last encoder block before the bottleneck and the first decoder
+#: block (1/8).
+_FUSION_FAMILY: tuple[tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]], ...] = (
+    (("unet", 1, "U-Net (T1C)", "single", 64, 34_527_106, 34.5,
+      "U-Net (Table 1 row 1): one modality, widths 64..1024, bilinear + conv upsampling."),
+     {"affinity_layers": ("master.blocks.3", "decoder.ups.0")}, {}),
+    (("unet_sa", 2, "U-Net + SA (T1C)", "single", 64, 34_713_121, 34.7,
+      "U-Net + SA: an SA gate after each of the 5 encoder blocks; the gated map is skip and next input."),
+     {}, {"attention": "master"}),
+    (("early_fuse_unet", 6, "EarlyFuseUNet", "paired", 64, 34_528_834, 34.5,
+      "EarlyFuseUNet: U-Net on all modalities stacked at the input."),
+     {}, {"stack_inputs": True}),
+    (("late_fuse_unet", 7, "LateFuseUNet", "paired", 32, 25_108_354, 25.1,
+      "LateFuseUNet: independent half-width streams, concatenated only at the skips and the bottleneck."),
+     {}, {"fusion": "concat"}),
+    (("fuse_origin_unet", 5, "FuseOriginUNet", "paired", 64, 56_163_522, 56.2,
+      "FuseOriginUNet: full-width streams, master block k+1 reads concat(master_k, assistants_k); decoder on the "
+      "master's skips; transposed-conv upsampling."),
+     {}, {"fusion": "concat", "fuse_into_master": True, "skip_source": "master", "bottleneck": "sum",
+          "upsample": "transpose"}),
+    (("fuse_unet", 8, "FuseUNet", "paired", 32, 26_675_074, 26.7,
+      "FuseUNet: half-width streams; y_k = concat(master_k, assistants_k) is skip k and next master input."),
+     {}, {"fusion": "concat", "fuse_into_master": True}),
+    (("fuse_unet_sa", 9, "FuseUNet + SA", "paired", 32, 26_768_352, 26.8,
+      "FuseUNet + SA: every stream gated by its own SA map at each of the 5 encoder blocks."),
+     {}, {"fusion": "concat", "fuse_into_master": True, "attention": "per_stream"}),
+    (("master_assistant", 10, "Proposed", "paired", 32, 26_721_713, 26.7,
+      "Proposed (paper 1): FuseUNet whose master SA maps gate the master and every assistant stream."),
+     {}, {"fusion": "concat", "fuse_into_master": True, "attention": "master"}),
 )
-_fusion_builder(
-    _card(
-        "unet_sa", 2, "U-Net + SA (T1C)", "single", 64, 34_713_121, 34.7,
-        "U-Net + SA: an SA gate after each of the 5 encoder blocks; the gated map is skip and next input.",
-    ),
-    attention="master",
-)
-_fusion_builder(
-    _card(
-        "early_fuse_unet", 6, "EarlyFuseUNet", "paired", 64, 34_528_834, 34.5,
-        "EarlyFuseUNet: U-Net on all modalities stacked at the input.",
-    ),
-    stack_inputs=True,
-)
-_fusion_builder(
-    _card(
-        "late_fuse_unet", 7, "LateFuseUNet", "paired", 32, 25_108_354, 25.1,
-        "LateFuseUNet: independent half-width streams, concatenated only at the skips and the bottleneck.",
-    ),
-    fusion="concat",
-)
-# The reconstructed 56.164M includes the assistants' deepest block; paper 1 does not say what it feeds.
-# Rather than leave ~14M parameters dead we add it into the master's bottleneck (parameter-free, FuseNet-style
-# sum), so every parameter is trained.
-_fusion_builder(
-    _card(
-        "fuse_origin_unet", 5, "FuseOriginUNet", "paired", 64, 56_163_522, 56.2,
-        "FuseOriginUNet: full-width streams, master block k+1 reads concat(master_k, assistants_k); "
-        "decoder on the master's skips; transposed-conv upsampling.",
-    ),
-    fusion="concat",
-    fuse_into_master=True,
-    skip_source="master",
-    bottleneck="sum",
-    upsample="transpose",
-)
-_fusion_builder(
-    _card(
-        "fuse_unet", 8, "FuseUNet", "paired", 32, 26_675_074, 26.7,
-        "FuseUNet: half-width streams; y_k = concat(master_k, assistants_k) is skip k and next master input.",
-    ),
-    fusion="concat",
-    fuse_into_master=True,
-)
-_fusion_builder(
-    _card(
-        "fuse_unet_sa", 9, "FuseUNet + SA", "paired", 32, 26_768_352, 26.8,
-        "FuseUNet + SA: every stream gated by its own SA map at each of the 5 encoder blocks.",
-    ),
-    fusion="concat",
-    fuse_into_master=True,
-    attention="per_stream",
-)
-_fusion_builder(
-    _card(
-        "master_assistant", 10, "Proposed", "paired", 32, 26_721_713, 26.7,
-        "Proposed (paper 1): FuseUNet whose master SA maps gate the master and every assistant stream.",
-    ),
-    fusion="concat",
-    fuse_into_master=True,
-    attention="master",
-)
+for _facts, _extra, _layout in _FUSION_FAMILY:
+    _fusion_builder(_card(*_facts, **_extra), **_layout)
 
 
 def _fusenet_builder(card: ModelCard, fusion: str) -> Callable[..., FuseNet]:

@@ -2,7 +2,7 @@
 
 The trainer runs steps; everything else hooks in (nnU-Net's ``on_epoch_end`` seams without the god class):
 
-* ``on_fit_start(trainer)`` / ``on_fit_end(trainer)``
+* ``on_fit_start(trainer)`` / ``on_fit_end(trainer)`` (also after an error; ``trainer.fit_completed`` says which)
 * ``on_epoch_start(trainer)``, ``on_step_end(trainer, result)`` after every step,
   ``on_train_epoch_end(trainer)`` when the epoch's steps are done (or the run stops),
 * ``on_validation(trainer, end)``: may add scores to ``end.record`` and set ``end.improved``,
@@ -190,6 +190,20 @@ class ConsoleLines(Callback):
             parts.append(val)
         parts.append(f"{record['time_s']:.1f} s")
         print(", ".join(parts), flush=True)
+
+
+class BatchNormRecalibration(Callback):
+    """At the end of training, :func:`recalibrate_batch_norm` (paper 2's optional ``--recalibrate-bn``): BN
+    statistics re-estimated on the training slices with dropout off, before the final weights are saved.
+
+    Place it before :class:`Checkpoints` only if ``latest.pt`` should hold the recalibrated statistics; the
+    default list does not include it (neither paper's recipe has it)."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if not getattr(trainer, "fit_completed", False):  # a run that failed keeps its last good checkpoint
+            return
+        recalibrate_batch_norm(trainer)
+        trainer.save("latest.pt")
 
 
 def default_callbacks() -> list[Callback]:

@@ -436,10 +436,12 @@ class Trainer:
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._call("on_fit_start")
+        self.fit_completed = False  # on_fit_end also runs when training stops with an error
         try:
             stop = False
             while self.epoch < cfg.epochs and not stop:
                 stop = self._run_epoch()
+            self.fit_completed = True
         finally:
             self._call("on_fit_end")
         barrier(self.dist)

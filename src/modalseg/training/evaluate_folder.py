@@ -28,7 +28,7 @@ import numpy as np
 
 from modalseg.data.geometry import ORIGIN_TOL_VOXELS, geometry_problems
 from modalseg.data.io import is_supported, read_volume, strip_extension
-from modalseg.data.layouts import load_dataset
+from modalseg.data.layouts import check_ignore_label, load_dataset
 from modalseg.errors import ConfigError, DataError
 from modalseg.evaluation.metrics import (
     EMPTY_DICE_CONVENTIONS,
@@ -167,13 +167,7 @@ def parse_nnunet_labels(meta: Mapping[str, Any], path: Path) -> LabelScheme:
     else:
         keys = {n: str(v[0]) for n, v in classes.items()}
     values_used = {0} | {v for vs in classes.values() for v in vs}
-    if ignore is not None:
-        clash = [n for n, vs in entries.items() if ignore in vs]
-        if clash:
-            raise DataError(f"key 'labels': the ignore label {ignore} is also the value of {clash[0]!r}", path)
-        if ignore < max(values_used):
-            raise DataError(f"key 'labels': the ignore label {ignore} must be the highest label value "
-                            f"(nnU-Net's rule; {max(values_used)} is higher)", path)
+    check_ignore_label(ignore, entries, values_used, path)
     to_background = meta.get("labels_to_background", [])
     if not isinstance(to_background, list) or not all(_is_int(v) for v in to_background):
         raise DataError(f"key 'labels_to_background' must be a list of integers, found {to_background!r}", path)
