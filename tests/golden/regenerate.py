@@ -81,7 +81,7 @@ CARDIAC_DATA: dict[str, Any] = {"num_patients_per_modality": 5, "slices": 3, "si
 _COMMON: dict[str, Any] = {
     "folds": 5, "fold": 0, "split_seed": 0, "device": "cpu", "precision": "fp32", "channels_last": False,
     "num_threads": 1, "val_every": 1, "checkpoint_every": 0, "progress": False, "tensorboard": False,
-    "ce_weight": 1.0, "conv_l2": 0.0,
+    "ce_weight": 1.0, "conv_l2": 0.0, "augmentation": "off", "modality_dropout": 0.0,
 }
 #: Paper 1's preset, spelled out field by field (target_size 32), so the preset's definition is not a dependency.
 PAIRED_CONFIG: dict[str, Any] = {

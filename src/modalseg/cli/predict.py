@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser, *, runtime: bool = False) -> None:
     p.add_argument("--checkpoint", default="best", choices=("best", "latest"),
                    help="best: best.pt by validation (latest.pt where a fold has none); latest: the final weights")
     p.add_argument("--modality", help="unpaired models: which modality the input is")
+    p.add_argument("--missing", nargs="+", default=None, metavar="MODALITY",
+                   help="paired models trained with modality dropout: modalities the cases do not have (e.g. "
+                        "--missing T2W); each is fed as zeros after normalisation, as in training. A model trained "
+                        "without modality dropout refuses")
     p.add_argument("--probabilities", action="store_true", help="also write CASE_prob_<class><file ending>")
     # No argparse `type=`/`choices=`: their errors print usage on a second line; `run` checks these (one line).
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (onnxruntime and openvino: cpu)")
@@ -165,6 +169,11 @@ def choose_postprocessing(option: str, models: Sequence[str | Path], meta):  # n
     return found
 
 
+def _missing_names(values: Sequence[str] | None) -> list[str]:
+    """``--missing T2W FLAIR`` or ``--missing T2W,FLAIR`` as names (empty entries dropped)."""
+    return [name.strip() for value in values or () for name in value.split(",") if name.strip()]
+
+
 def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         return _run(args, stack)
@@ -224,7 +233,10 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         models, how = load_exported(args.model, backend, exported, which=args.checkpoint, stack=stack)
         what = "graph" if all(m.path.suffix == ".onnx" for m in models) else "checkpoint"
     meta = models[0].meta
-    cases = find_cases(args.input, meta)
+    from modalseg.training.model_meta import check_missing
+
+    missing = check_missing(meta, _missing_names(getattr(args, "missing", None)))
+    cases = find_cases(args.input, meta, missing=missing)
     out = Path(args.output)
     # Every output name is checked before anything is written: none may replace an input or another case's output.
     endings = {case: output_ending(files, args.file_ending) for case, files in cases.items()}
@@ -232,7 +244,8 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     planned = {case: (dicom_seg_output_paths if dicom_seg else output_paths)(out, case, classes, endings[case])
                for case in cases}
     if dicom_seg:  # each case's first input must be a DICOM series that a SEG can refer to; no CASE.dcm beside it
-        dseg.check_dicom_seg_inputs(cases, meta.modalities[0] if meta.kind == "paired" else args.modality or "image")
+        first = next(m for m in meta.modalities if m not in missing) if meta.kind == "paired" else None
+        dseg.check_dicom_seg_inputs(cases, first or args.modality or "image")
         check_outputs_spare_inputs(planned, dseg.series_input_files(cases))
         dseg.check_outside_series_folders(planned, cases)
     else:
@@ -244,12 +257,15 @@ def _run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         print(f"  {what} {m.describe()}")
     if postprocessing is not None:
         print(f"  post-processing: {postprocessing.describe()}")
+    if missing:
+        print(f"  without {', '.join(missing)}: fed as zeros after normalisation, as modality dropout did in "
+              "training")
     t_start = time.perf_counter()
     for case, files in cases.items():
         t0 = time.perf_counter()
         labels, probs, ref = predict_case(models, files, modality=args.modality,
                                           strict=args.strict_geometry, case=case,
-                                          batch_size=args.batch_size, tta=args.tta)
+                                          batch_size=args.batch_size, tta=args.tta, missing=missing)
         if postprocessing is not None:
             labels = postprocessing.apply(labels)
         if dicom_seg:

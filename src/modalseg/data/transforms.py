@@ -734,7 +734,7 @@ class RandomTransform(ABC):
     ``generator(step, index)`` is ``PCG64(SeedSequence([seed, crc32(key), step, index]))`` (``key`` defaults to
     the class name, so two random transforms draw independently). ``index`` is the sample's position in the
     *global* batch of ``step`` (``rank * batch_size + i`` under DDP), so every rank, worker order and resume draws
-    the same numbers for the same sample. Not wired into training yet.
+    the same numbers for the same sample. Augmentation and modality dropout (data/augment.py) use it.
     """
 
     def __init__(self, seed: int = 0, key: str | None = None) -> None:

@@ -9,6 +9,9 @@ The steps are the checkpoint's deterministic transforms, each inverted on the wa
 2. the checkpoint's invertible transforms (data/transforms.py, built by ``preprocessing_pipeline``): canonical
    (closest to RAS) voxel order as in training, normalisation, slices, crop box, resize;
 3. the inferer over every backend (slices, batched), probabilities averaged over models (fold ensembling);
+   With ``missing`` modalities (a model trained with modality dropout, ``meta.modality_dropout``), the given
+   volumes are the modalities present and each missing channel is filled with 0 after normalisation, exactly
+   as training dropped it (data/augment.py ``ModalityDropout``); the first volume given is the reference grid;
 4. back: ``invert`` of the recorded trace (un-resize, un-crop, the inverse reorientation), argmax to the file's
    label values; a region-based model (``meta.regions``: sigmoid per region, nnU-Net's ``regions_class_order``)
    instead paints each region where its probability > 0.5 with its value, in order, onto background 0.
@@ -35,7 +38,7 @@ from modalseg.data.verify import intensity_problems
 from modalseg.errors import CheckpointError, DataError
 from modalseg.inference.backends import Backend, TorchBackend
 from modalseg.inference.inferers import SliceInferer, ensemble_probabilities
-from modalseg.training.model_meta import ModelMeta
+from modalseg.training.model_meta import ModelMeta, check_missing
 
 if TYPE_CHECKING:  # torch is imported where a torch model is loaded: exported models run without it
     import torch
@@ -184,10 +187,13 @@ class Predictor:
     def precision(self) -> Precision | None:
         return self.models[0].precision
 
-    def input_names(self, modality: str | None = None) -> list[str]:
-        """The modalities :meth:`predict` expects, in order (paired: the model's channels; unpaired: one)."""
+    def input_names(self, modality: str | None = None, missing: Sequence[str] | None = None) -> list[str]:
+        """The modalities :meth:`predict` expects, in order (paired: the model's channels but ``missing``;
+        unpaired: one)."""
         if self.meta.kind == "paired":
-            return list(self.meta.modalities)
+            absent = check_missing(self.meta, missing)
+            return [m for m in self.meta.modalities if m not in absent]
+        check_missing(self.meta, missing)  # refuses: unpaired models read one modality
         return [self.choose_modality(modality)]
 
     def choose_modality(self, modality: str | None, path: Path | None = None) -> str:
@@ -204,33 +210,41 @@ class Predictor:
 
     def predict_files(
         self, files: Sequence[str | Path], *, modality: str | None = None, strict: bool = False,
-        case: str | None = None,
+        case: str | None = None, missing: Sequence[str] | None = None,
     ) -> Prediction:
         """Read one file (or DICOM series folder) per modality, in the model's order, and :meth:`predict`."""
         paths = [f if isinstance(f, Path) else Path(f) for f in files]  # an ImageRef keeps its series/channel
         if case is None:
             case = strip_extension(paths[0].name)
-        return self.predict([read_volume(f) for f in paths], modality=modality, strict=strict, case=case)
+        return self.predict([read_volume(f) for f in paths], modality=modality, strict=strict, case=case,
+                            missing=missing)
 
     def predict_arrays(
         self, arrays: Sequence[np.ndarray], *, affine: np.ndarray | None = None, modality: str | None = None,
+        missing: Sequence[str] | None = None,
     ) -> Prediction:
         """In-memory volumes (X, Y, Z) on one grid ``affine`` (voxel -> RAS mm; identity = 1 mm voxels)."""
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
-        return self.predict([Volume(np.asarray(a), affine) for a in arrays], modality=modality)
+        return self.predict([Volume(np.asarray(a), affine) for a in arrays], modality=modality, missing=missing)
 
     def predict(
         self, volumes: Sequence[Volume], *, modality: str | None = None, strict: bool = False,
-        case: str | None = None,
+        case: str | None = None, missing: Sequence[str] | None = None,
     ) -> Prediction:
         """Labels and probabilities for one case: ``volumes`` in the order of :meth:`input_names`.
 
         Assistant modalities are put on the first volume's grid (one printed line each, naming ``case``;
         ``strict`` refuses instead); NaN/inf or constant images and non-finite probabilities are refused.
+        ``missing``: modalities not given (a model trained with modality dropout only; others refuse in one
+        line), each fed as a channel of zeros after normalisation, as training dropped it.
         """
         meta = self.meta
         first_path = volumes[0].path if volumes and volumes[0].path is not None else None
-        names = list(meta.modalities) if meta.kind == "paired" else [modality or "image"]
+        absent = check_missing(meta, missing)
+        names = self.input_names(modality, absent) if meta.kind == "paired" else [modality or "image"]
+        if absent and len(volumes) != len(names):
+            raise DataError(f"{len(volumes)} volume(s) given for the {len(names)} modalities present "
+                            f"({', '.join(names)}; missing {', '.join(absent)})", first_path)
         _check_inputs(volumes, names, strict=strict)
         aligned = [volumes[0]]
         for i, vol in enumerate(volumes[1:], start=1):
@@ -242,7 +256,7 @@ class Predictor:
         pp = PreprocessConfig.from_dict(meta.preprocess)
         if meta.kind == "paired":
             channel_names = meta.channel_names or meta.modalities
-            channels: list[int] | None = [channel_names.index(m) for m in meta.modalities]
+            channels: list[int] | None = [channel_names.index(m) for m in names]
             branch = None
         else:
             chosen = self.choose_modality(modality, first_path)
@@ -254,7 +268,11 @@ class Predictor:
         stacked = np.stack([v.array for v in aligned], axis=0)
         pipeline = preprocessing_pipeline(pp, len(stacked), channels=channels, all_slices=True, canonical=True)
         sample = pipeline(Sample(stacked, None, affine=volumes[0].affine, path=volumes[0].path))
-        batch = np.ascontiguousarray(np.moveaxis(sample.image, 1, 0))  # (slices, C, H, W)
+        image = sample.image
+        if absent:  # the model's channels, a missing one 0 after normalisation: training's dropout fill
+            image = np.zeros((len(meta.modalities), *image.shape[1:]), dtype=np.float32)
+            image[[meta.modalities.index(m) for m in names]] = sample.image
+        batch = np.ascontiguousarray(np.moveaxis(image, 1, 0))  # (slices, C, H, W)
         probs = ensemble_probabilities([self.inferer(m.backend, batch, branch) for m in self.models])
         if not np.isfinite(probs).all():
             raise DataError(

@@ -161,6 +161,16 @@ def _check_meta_types(meta: ModelMeta, ckpt: str | Path) -> None:
         bad("feature_layers must be a list of layer names")
     if meta.ignore_label is not None and (not is_int(meta.ignore_label) or meta.ignore_label < 0):
         bad(f"ignore_label {meta.ignore_label!r} is not an integer >= 0")
+    if meta.modality_dropout is not None:
+        # predict --missing trusts these names and numbers: the model's own channels, probabilities in (0, 1]
+        drop = meta.modality_dropout
+        if meta.kind != "paired" or not isinstance(drop, dict) or not drop or not all(
+            isinstance(k, str) and k in mods and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and 0 < v <= 1 for k, v in drop.items()
+        ):
+            bad("modality_dropout must map some of a paired model's modalities to probabilities in (0, 1]")
+        if len(drop) == len(mods) and all(v >= 1 for v in drop.values()):
+            bad("modality_dropout drops every modality with probability 1")
     if meta.regions is not None:
         # a region model paints labels[name] where region `name` is predicted: every region needs its value
         if not isinstance(meta.regions, dict) or list(meta.regions) != list(meta.labels) or not all(

@@ -38,9 +38,10 @@ class _Invalid(Exception):
 class OptionCheck:
     """Declared type and range of one option.
 
-    ``kind``: int | float | bool | str | path | mapping | names (a list of strings). ``ge``/``gt``/``le`` bound
-    numbers; ``choices`` restricts strings; ``nullable`` (set when the default is None) allows None = "resolve
-    from the dataset". Floats must be finite; bools are never ints and ints never floats.
+    ``kind``: int | float | bool | str | path | mapping | names (a list of strings) | probabilities (a number, or
+    a mapping of names to numbers: one value for all or one per name). ``ge``/``gt``/``le`` bound numbers (each
+    value of ``probabilities``); ``choices`` restricts strings; ``nullable`` (set when the default is None) allows
+    None = "resolve from the dataset". Floats must be finite; bools are never ints and ints never floats.
     """
 
     kind: str
@@ -54,6 +55,8 @@ class OptionCheck:
         """What a valid value looks like, e.g. ``a finite number in (0, 1] or null``."""
         if self.kind in ("int", "float"):
             text = ("an integer" if self.kind == "int" else "a finite number") + self._range()
+        elif self.kind == "probabilities":
+            text = f"a number{self._range()} or a mapping {{name: number{self._range()}}}"
         elif self.choices:
             text = "one of " + ", ".join(self.choices)
         else:
@@ -101,6 +104,12 @@ class OptionCheck:
             if not math.isfinite(value):
                 raise _Invalid
         elif kind == "str":
+            if isinstance(value, bool) and self.choices:
+                # YAML 1.1 reads on/off (yes/no) as booleans: `augmentation: off` means the word
+                word = "on" if value else "off"
+                if word in self.choices:
+                    return word
+                raise _Invalid
             if not isinstance(value, str) or (self.choices and value not in self.choices):
                 raise _Invalid
             return value
@@ -112,6 +121,13 @@ class OptionCheck:
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise _Invalid
             return dict(value)
+        elif kind == "probabilities":
+            number = OptionCheck("float", ge=self.ge, gt=self.gt, le=self.le)
+            if isinstance(value, dict):
+                if not all(isinstance(k, str) for k in value):
+                    raise _Invalid
+                return {k: number.coerce(v) for k, v in value.items()}
+            return number.coerce(value)
         elif kind == "names":
             if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
                 raise _Invalid
@@ -225,6 +241,21 @@ class TrainConfig:
     foreground_fraction: float | None = _opt(
         None, "share of every batch forced to contain foreground (default: 1/3 with the default preset, as "
         "nnU-Net; 0 with the paper presets, which train on labelled slices only)", "float", ge=0, le=1)
+    # --- augmentation and modality dropout (data/augment.py, docs/augmentation.md) ---
+    augmentation: str = _opt(
+        "auto", "per-sample augmentation of training batches: auto (medium with the default preset, off with the "
+        "paper presets), off, on (= medium), light, medium or strong (docs/augmentation.md)", "str",
+        choices=("auto", "off", "on", "light", "medium", "strong"))
+    augmentation_options: dict = _opt(
+        {}, "overrides of the augmentation strength's probabilities and ranges, e.g. {rotate_p: 0, gamma_range: "
+        "[0.8, 1.2]} (data/augment.py AugmentConfig)", "mapping")
+    modality_dropout: float | dict = _opt(
+        0.0, "paired: drop (zero, after normalisation) each assistant modality of a training sample with this "
+        "probability, or per modality {T2W: 0.3}; never all modalities; 0 = off. A model trained so can predict "
+        "with modalities missing (predict --missing)", "probabilities", ge=0, le=1)
+    modality_dropout_master: bool = _opt(
+        False, "paired: let modality dropout drop the master (first) modality too (master_assistant: its attention "
+        "maps then gate every stream from a blank image); default: the master is always present", "bool")
     seed: int = _opt(0, "seed of weights init, dropout and batch order", "int", ge=0, le=_SEED_MAX)
     split_seed: int = _opt(0, "seed of the patient split (kept fixed across repeated runs)", "int", ge=0,
                            le=_SEED_MAX)
@@ -285,7 +316,8 @@ def check_option(name: str, value: Any, label: str | None = None, source: str | 
 
 
 def option_kind(name: str) -> str | None:
-    """Declared kind of option ``name`` (int, float, bool, str, path, mapping, names), None if unknown."""
+    """Declared kind of option ``name`` (int, float, bool, str, path, mapping, names, probabilities), None if
+    unknown."""
     check = _CHECKS.get(name)
     return check.kind if check else None
 

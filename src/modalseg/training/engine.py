@@ -68,9 +68,10 @@ def changed_options(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
     """Options of ``current`` that differ from the checkpoint's ``saved`` config and alter the run.
 
     An option the checkpoint does not record (written by a release that did not have it) counts as what that
-    release did: the option's default, or for ``foreground_fraction`` 0 (no oversampling before it existed).
+    release did: the option's default, or for ``foreground_fraction`` 0 (no oversampling before it existed) and for
+    ``augmentation`` off (no augmentation before it existed).
     """
-    defaults = {**TrainConfig().to_dict(), "foreground_fraction": 0.0}
+    defaults = {**TrainConfig().to_dict(), "foreground_fraction": 0.0, "augmentation": "off"}
 
     def same(key: str) -> bool:
         a, b = saved.get(key, defaults.get(key)), current.get(key)
@@ -233,6 +234,7 @@ class Trainer:
             channel_names=list(self.spec.modalities),
             regions=regions_of(self.spec),
             ignore_label=self.spec.ignore_label,
+            **self.task.meta_fields(cfg),
         )
         self.network = build_network(self.meta)
         loss_module = self.task.build_loss(self.network, cfg)

@@ -6,6 +6,7 @@ Kept apart from :mod:`modalseg.training.tasks` (the training losses) so that loa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +18,12 @@ from modalseg.errors import ConfigError
 if TYPE_CHECKING:  # the models (torch) are imported where a network is built: ModelMeta is plain data
     from torch import nn
 
-__all__ = ["ModelMeta", "build_network", "decode_outputs", "paint_regions", "regions_of",
+__all__ = ["ModelMeta", "build_network", "check_missing", "decode_outputs", "paint_regions", "regions_of",
            "paired_channels", "single_modality_models"]
 
 #: Fields added after the first release, with their defaults: left out of ``to_dict`` while at the default, so a
 #: model without them writes the very description older releases wrote (and ``--resume`` compares equal).
-_OPTIONAL_FIELDS: dict[str, Any] = {"regions": None, "ignore_label": None}
+_OPTIONAL_FIELDS: dict[str, Any] = {"regions": None, "ignore_label": None, "modality_dropout": None}
 
 
 def single_modality_models() -> frozenset[str]:
@@ -49,6 +50,9 @@ class ModelMeta:
     region -> the value painted for it (nnU-Net's ``regions_class_order``; no background channel). ``regions``:
     region name -> the label values it unites (the training target). ``ignore_label``: the file value of
     nnU-Net's ``ignore`` label in the training data (recorded; never a class, never predicted).
+    ``modality_dropout``: modality -> the probability with which training dropped (zeroed) it, for the modalities
+    it dropped; None: trained with every modality always present (and every checkpoint written before the option
+    existed). Only such a model predicts with modalities missing (:func:`check_missing`).
     """
 
     kind: str  # "paired" | "unpaired"
@@ -67,6 +71,8 @@ class ModelMeta:
     regions: dict[str, list[int]] | None = None
     #: file value of nnU-Net's ignore label in the training data (None: none)
     ignore_label: int | None = None
+    #: paired: modality -> drop probability in training (modality dropout); None: never dropped
+    modality_dropout: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in _OPTIONAL_FIELDS or v != _OPTIONAL_FIELDS[k]}
@@ -106,6 +112,39 @@ class ModelMeta:
         what = self.model if self.kind == "paired" else f"{self.model}/{self.setting}"
         outputs = f"{self.num_classes} regions" if self.regions is not None else f"{self.num_classes} classes"
         return f"({what}, {outputs}, modalities {', '.join(self.modalities)})"
+
+
+def check_missing(meta: ModelMeta, missing: Sequence[str] | None) -> list[str]:
+    """``missing`` (modality names, case-insensitive) in the model's channel order, if the model may predict
+    without them: a paired model trained with modality dropout that dropped each of them, and one modality left.
+    Else one ConfigError line saying why (a model trained without dropout never saw a blank channel, so its
+    output without one is not to be trusted)."""
+    if not missing:
+        return []
+    by_fold = {m.casefold(): m for m in meta.modalities}
+    names = []
+    for name in missing:
+        if name.casefold() not in by_fold:
+            raise ConfigError(f"missing modality {name!r} is not one of the model's ({', '.join(meta.modalities)})")
+        names.append(by_fold[name.casefold()])
+    ordered = [m for m in meta.modalities if m in names]
+    if meta.kind != "paired":
+        raise ConfigError("missing modalities apply to paired models (one input per modality); an unpaired model "
+                          "reads one modality, chosen with --modality")
+    dropped = meta.modality_dropout or {}
+    if not dropped:
+        raise ConfigError(f"this model was not trained with modality dropout, so it cannot predict without "
+                          f"{', '.join(ordered)}: it needs every modality ({', '.join(meta.modalities)}); retrain "
+                          "with modality_dropout to predict with modalities missing")
+    never = [m for m in ordered if dropped.get(m, 0.0) <= 0]
+    if never:
+        trained = ", ".join(f"{m} {p:g}" for m, p in dropped.items())
+        raise ConfigError(f"this model was trained with {', '.join(never)} always present (modality dropout: "
+                          f"{trained}), so it cannot predict without {', '.join(never)}")
+    if len(ordered) == len(meta.modalities):
+        raise ConfigError(f"every modality of the model ({', '.join(meta.modalities)}) is missing; at least one "
+                          "must be given")
+    return ordered
 
 
 def decode_outputs(probs: np.ndarray, meta: ModelMeta, axis: int = 1) -> np.ndarray:

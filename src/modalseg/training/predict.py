@@ -11,6 +11,7 @@ every class (background included), or for a region model ``CASE_prob_<region>`` 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from modalseg.data.types import Volume
 from modalseg.errors import DataError, OutputError
 from modalseg.inference.inferers import SliceInferer
 from modalseg.inference.predictor import LoadedModel, Predictor, load_models  # noqa: F401  (re-exported)
-from modalseg.training.model_meta import ModelMeta
+from modalseg.training.model_meta import ModelMeta, check_missing
 from modalseg.utils.names import check_name, child_path
 
 _CHANNEL_RE = re.compile(r"^(.*)_(\d{4})$")
@@ -61,8 +62,13 @@ def _one_file_per_case(files: Sequence[Path], key) -> dict[str, Path]:
     return found
 
 
-def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[Path]]:
+def find_cases(inputs: Sequence[str | Path], meta: ModelMeta,
+               missing: Sequence[str] | None = None) -> dict[str, list[Path]]:
     """Group inputs into cases, each a list of images in ``meta.modalities`` order.
+
+    ``missing`` (``--missing``; a model trained with modality dropout only, :func:`check_missing`): modalities no
+    case has; the cases are found and ordered as if the model read the others only. A case that lacks a modality
+    not in ``missing`` is refused in one line naming it (and saying when ``--missing`` would do).
 
     Accepted: a folder of nnU-Net-named files (``CASE_0000.nii.gz`` ...; channel k = the training dataset's k-th
     channel) or of 4D files (``BRATS_001.nii.gz``, one per case, channel k likewise); a folder holding one image per
@@ -77,6 +83,10 @@ def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[
     for p in paths:
         if not p.exists():
             raise DataError("input not found", p)
+    absent = check_missing(meta, missing)
+    if absent:  # the rest reads the model as one of the modalities present (channel_names keep the file indices)
+        meta = dataclasses.replace(meta, channel_names=list(meta.channel_names or meta.modalities),
+                                   modalities=[m for m in meta.modalities if m not in absent])
     channel_names = list(meta.channel_names or meta.modalities)
     # file channel index of each modality the model reads (unpaired models read one image)
     needed = [channel_names.index(m) for m in meta.modalities] if meta.kind == "paired" else [0]
@@ -85,6 +95,16 @@ def find_cases(inputs: Sequence[str | Path], meta: ModelMeta) -> dict[str, list[
         if cases is not None:
             return cases
     return _explicit_case(paths, meta, channel_names, needed)
+
+
+def _missing_hint(meta: ModelMeta, missing: Sequence[str]) -> str:
+    """``; ... pass --missing T2W ...`` when the model may predict without ``missing`` (trained with modality
+    dropout that dropped each of them), else nothing: the message then only names what is missing."""
+    dropped = meta.modality_dropout or {}
+    if missing and meta.kind == "paired" and all(dropped.get(m, 0) > 0 for m in missing):
+        return (f"; this model was trained with modality dropout: pass --missing {' '.join(missing)} to predict "
+                "without it")
+    return ""
 
 
 def _listing(folder: Path, limit: int = 8) -> str:
@@ -145,7 +165,9 @@ def _cases_in_folder(
             if missing:
                 k = missing[0]
                 name = channel_names[k] if k < len(channel_names) else f"channel {k}"
-                raise DataError(f"case {case}: missing modality {name} (expected {case}_{k:04d} file)", folder)
+                raise DataError(f"case {case}: missing modality {name} (expected {case}_{k:04d} file)"
+                                + _missing_hint(meta, [channel_names[j] for j in missing if j < len(channel_names)]),
+                                folder)
             result[case] = [channels[k] for k in needed]
         for case, f in sorted(four_d.items()):
             if case in result:
@@ -162,16 +184,17 @@ def _cases_in_folder(
             if len(got) == len(meta.modalities):
                 result[d.name] = [got[m] for m in meta.modalities]
             elif got:
-                missing = ", ".join(m for m in meta.modalities if m not in got)
-                raise DataError(f"case {d.name}: missing modality {missing} (expected one image per modality "
-                                f"({mods}) as <modality>.nii.gz-style files or DICOM folders; found {_listing(d)})", d)
+                lacking = [m for m in meta.modalities if m not in got]
+                raise DataError(f"case {d.name}: missing modality {', '.join(lacking)} (expected one image per "
+                                f"modality ({mods}) as <modality>.nii.gz-style files or DICOM folders; found "
+                                f"{_listing(d)})" + _missing_hint(meta, lacking), d)
         if result:
             return result
     if found:
-        missing = ", ".join(m for m in meta.modalities if m not in found)
-        raise DataError(f"missing modality {missing} (expected one image per modality ({mods}) as <modality>.nii.gz-"
-                        f"style files or <modality>/ DICOM folders, names case-insensitive; found {_listing(folder)})",
-                        folder)
+        lacking = [m for m in meta.modalities if m not in found]
+        raise DataError(f"missing modality {', '.join(lacking)} (expected one image per modality ({mods}) as "
+                        f"<modality>.nii.gz-style files or <modality>/ DICOM folders, names case-insensitive; found "
+                        f"{_listing(folder)})" + _missing_hint(meta, lacking), folder)
     raise DataError(
         f"no input images found (expected CASE_0000.nii.gz-style files, one 4D file per case, <modality>.nii.gz-style "
         f"files or <modality>/ DICOM folders ({mods}), one folder per case holding those, or a folder holding DICOM "
@@ -220,7 +243,10 @@ def _explicit_case(
             )
         return {folder.name: [ImageRef.make(folder, series=m) for m in meta.modalities]}
     if len(paths) != expected:
-        raise DataError(f"the model needs {expected} file(s), one per modality ({mods}); got {len(paths)}", paths[0])
+        lacking = _unclaimed(paths, meta) if len(paths) < expected else []
+        said = f" (missing modality {', '.join(lacking)})" + _missing_hint(meta, lacking) if lacking else ""
+        raise DataError(f"the model needs {expected} file(s), one per modality ({mods}); got {len(paths)}{said}",
+                        paths[0])
     ordered, note = order_inputs(paths, meta)
     if note:
         print(note, flush=True)
@@ -228,6 +254,23 @@ def _explicit_case(
         ordered = [ImageRef.make(p, series=m) if p.is_dir() and not getattr(p, "series", None) else p
                    for p, m in zip(ordered, meta.modalities, strict=True)]
     return {explicit_case_name(ordered, needed, meta.modalities): ordered}
+
+
+def _unclaimed(paths: Sequence[Path], meta: ModelMeta) -> list[str]:
+    """The model's modalities that none of too few explicit inputs names (by ``_NNNN`` index or modality name);
+    empty when some input's name says nothing (then which one is missing is unknown)."""
+    channel_names = list(meta.channel_names or meta.modalities)
+    claimed = set()
+    for p in paths:
+        match = _CHANNEL_RE.match(_input_stem(p))
+        named = named_modalities(p, channel_names)
+        if match and int(match.group(2)) < len(channel_names):
+            claimed.add(channel_names[int(match.group(2))])
+        elif len(named) == 1:
+            claimed.add(named[0])
+        else:
+            return []
+    return [m for m in meta.modalities if m not in claimed]
 
 
 def _input_stem(path: Path) -> str:
@@ -334,20 +377,22 @@ def predict_case(
     strict: bool = False,
     case: str | None = None,
     tta: str = "none",
+    missing: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, Volume]:
     """(label volume in file label values, probabilities (C, X, Y, Z), reference volume) of one case's files:
     :meth:`modalseg.inference.Predictor.predict_files` with the case named as ``find_cases`` names explicitly
     given files (the name appears in the lines that say an assistant was resampled); ``tta="flip"`` averages the
-    in-plane mirrored predictions (inference/tta.py)."""
+    in-plane mirrored predictions (inference/tta.py); ``missing``: modalities not among ``files`` (a model trained
+    with modality dropout)."""
     from modalseg.inference.tta import with_tta
 
     predictor = Predictor(models, inferer=with_tta(SliceInferer(batch_size), tta))
     if case is None:
         meta = predictor.meta
-        needed = [(meta.channel_names or meta.modalities).index(m) for m in meta.modalities] \
+        needed = [(meta.channel_names or meta.modalities).index(m) for m in predictor.input_names(None, missing)] \
             if meta.kind == "paired" else [0]
         case = explicit_case_name([f if isinstance(f, Path) else Path(f) for f in files], needed)
-    result = predictor.predict_files(files, modality=modality, strict=strict, case=case)
+    result = predictor.predict_files(files, modality=modality, strict=strict, case=case, missing=missing)
     return result.labels, result.probabilities, result.reference
 
 

@@ -9,6 +9,12 @@ Each task wraps the segmentation network in a *loss module* whose ``forward`` ta
 returns ``(loss, parts)``. The engine wraps that module (not the bare network) in DDP, so one forward and one
 backward cover all modalities of an unpaired step, as DDP requires.
 
+Per-sample random transforms (data/augment.py, docs/augmentation.md) are applied here too: augmentation (spatial
+jointly on channels and label, intensity per modality) and, for paired data, modality dropout, each drawing from
+``(seed, step, global sample index)`` only, so resume and DDP stay exact. ``augmentation: auto`` resolves to
+``medium`` with the ``default`` preprocessing and ``off`` with the paper presets; with both off a batch is exactly
+what it was before these options existed.
+
 nnU-Net's extras (docs/conventions.md) are decided here too: a dataset with an ``ignore`` label gives every loss an
 ``ignore_index`` (the cache's :data:`~modalseg.data.types.IGNORE_INDEX`), and a region-based dataset (BraTS) makes
 the paired task train one sigmoid channel per region (:class:`RegionLoss`); unpaired learning refuses regions.
@@ -28,6 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalseg.data.augment import (
+    AugmentConfig,
+    IntensityAugment,
+    ModalityDropout,
+    RandomPipeline,
+    SpatialAugment,
+    dropout_probabilities,
+)
 from modalseg.data.patches import SlicePatchSampler, UnpairedSlicePatchSampler, squeeze_depth
 from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
 from modalseg.data.types import IGNORE_INDEX, DatasetSpec
@@ -332,7 +346,35 @@ class Task:
             preprocess = updates["preprocess"] = self.default_preprocess()
         if cfg.foreground_fraction is None:
             updates["foreground_fraction"] = 1.0 / 3.0 if preprocess == "default" else 0.0
-        return dataclasses.replace(cfg, **updates)
+        if cfg.augmentation == "auto":
+            # for your data (the default preset) on, as nnU-Net; the paper presets reproduce papers that had none
+            updates["augmentation"] = "medium" if preprocess == "default" else "off"
+        elif cfg.augmentation == "on":
+            updates["augmentation"] = "medium"
+        resolved = dataclasses.replace(cfg, **updates)
+        self.check_random_options(resolved)
+        return resolved
+
+    def check_random_options(self, cfg: TrainConfig) -> None:
+        """Refuse bad augmentation / dropout options before any cache is built (one line each)."""
+        augment_config(cfg)
+        if cfg.modality_dropout_master and not _dropout_requested(cfg):
+            raise ConfigError("modality_dropout_master is true but modality_dropout is 0 (off)")
+
+    def meta_fields(self, cfg: TrainConfig) -> dict[str, Any]:
+        """Extra :class:`ModelMeta` fields this task records for ``cfg`` (after :meth:`model_modalities`): the
+        per-modality drop probabilities of a model trained with modality dropout, which ``predict --missing``
+        requires. Empty without dropout, so the description stays what older releases wrote."""
+        return {}
+
+    def random_transforms(self, cfg: TrainConfig, key: str = "") -> RandomPipeline:
+        """The per-sample augmentation of ``cfg`` (empty when off); ``key`` separates streams (unpaired:
+        one per modality)."""
+        aug = augment_config(cfg)
+        if aug is None:
+            return RandomPipeline([])
+        return RandomPipeline([SpatialAugment(aug, cfg.seed, key=f"augment.spatial{key}"),
+                               IntensityAugment(aug, cfg.seed, key=f"augment.intensity{key}")])
 
     def _recipe(self, cfg: TrainConfig) -> dict[str, Any]:
         return dict(self.recipe)
@@ -425,6 +467,21 @@ class PairedTask(Task):
         self.channel_index = [self.spec.modalities.index(m) for m in self.modalities]
         return self.modalities
 
+    def check_random_options(self, cfg: TrainConfig) -> None:
+        super().check_random_options(cfg)
+        self.dropout_probabilities(cfg)
+
+    def dropout_probabilities(self, cfg: TrainConfig) -> dict[str, float]:
+        """Modality -> drop probability (those > 0) of the model's channels; empty without dropout."""
+        if not _dropout_requested(cfg):
+            return {}
+        channels = paired_channels(self.spec, cfg.model, cfg.modalities)
+        return dropout_probabilities(cfg.modality_dropout, channels, drop_master=cfg.modality_dropout_master)
+
+    def meta_fields(self, cfg: TrainConfig) -> dict[str, Any]:
+        probs = self.dropout_probabilities(cfg)
+        return {"modality_dropout": probs} if probs else {}
+
     def build_loss(self, network: nn.Module, cfg: TrainConfig) -> nn.Module:
         ignore = ignore_index_of(self.spec)
         if self.spec.regions is not None:
@@ -446,13 +503,22 @@ class PairedTask(Task):
         self.steps_per_epoch = self.sampler.num_batches(0)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"fold {cfg.fold} has {len(self.train_idx)} training slices, fewer than one batch")
+        # augmentation, then dropout: a dropped channel stays exactly 0, as prediction fills a missing modality
+        probs = self.dropout_probabilities(cfg)
+        dropout = [ModalityDropout([probs.get(m, 0.0) for m in self.modalities], cfg.seed)] if probs else []
+        self.transforms = RandomPipeline([*self.random_transforms(cfg).transforms, *dropout])
+        self.first_index = rank * (cfg.batch_size // world_size)  # this rank's share of the global batch
         return self.steps_per_epoch
 
     def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
         cache = self._cache()
-        for refs in self.sampler.batches(epoch, start_batch=start):
+        for b, refs in enumerate(self.sampler.batches(epoch, start_batch=start), start=start):
             x, y = squeeze_depth(*cache.get_patches(refs))
-            yield TrainBatch((precision.to_input(x[:, self.channel_index]), y.to(precision.device)), len(refs))
+            x = x[:, self.channel_index]
+            if self.transforms:
+                x, y = self.transforms.batch(x, y, step=epoch * self.steps_per_epoch + b,
+                                             first_index=self.first_index)
+            yield TrainBatch((precision.to_input(x), y.to(precision.device)), len(refs))
 
     def probe_example(self, batch_size: int) -> tuple[Any, ...]:
         cache = self._cache()
@@ -504,6 +570,12 @@ class UnpairedTask(Task):
     def setting(self, cfg: TrainConfig) -> str | None:
         return cfg.setting
 
+    def check_random_options(self, cfg: TrainConfig) -> None:
+        super().check_random_options(cfg)
+        if _dropout_requested(cfg):
+            raise ConfigError("modality_dropout is for paired data (every case has every modality); in unpaired "
+                              "data each case has one modality, so there is nothing to drop")
+
     def build_loss(self, network: nn.Module, cfg: TrainConfig) -> nn.Module:
         return UnpairedLoss(
             network, cfg.setting, ce_weight=cfg.ce_weight, affinity_weight=cfg.affinity_weight,
@@ -528,6 +600,9 @@ class UnpairedTask(Task):
             self.train_idx_by_mod, cfg.batch_size // world_size, seed=cfg.seed, rank=rank, world_size=world_size))
         largest = max(len(v) for v in self.train_idx_by_mod.values())
         self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
+        # one stream per modality: sample j of modality m's global batch draws independently of modality n's
+        self.transforms_by_mod = {m: self.random_transforms(cfg, key=f":{m}") for m in self.modalities}
+        self.first_index = rank * (cfg.batch_size // world_size)
         return self.steps_per_epoch
 
     def start(self, loss_module: nn.Module, cfg: TrainConfig, batch_in_epoch: int) -> None:
@@ -540,10 +615,13 @@ class UnpairedTask(Task):
     def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
         cache = self._cache()
         first = epoch * self.steps_per_epoch + start
-        for batch in self.sampler.steps(first, self.steps_per_epoch - start):
+        for step, batch in enumerate(self.sampler.steps(first, self.steps_per_epoch - start), start=first):
             xs, ys = [], []
             for m in self.modalities:
                 x, y = squeeze_depth(*cache.get_patches(batch[m]))
+                transforms = self.transforms_by_mod[m]
+                if transforms:
+                    x, y = transforms.batch(x, y, step=step, first_index=self.first_index)
                 xs.append(precision.to_input(x))
                 ys.append(y.to(precision.device))
             yield TrainBatch((xs, ys), sum(len(v) for v in batch.values()))
@@ -559,6 +637,26 @@ class UnpairedTask(Task):
 
     def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
         return self._cache().images[indices], self.modalities.index(group)
+
+
+def _dropout_requested(cfg: TrainConfig) -> bool:
+    """Whether ``modality_dropout`` asks for any dropout (a number > 0 or a mapping with a value > 0)."""
+    option = cfg.modality_dropout
+    if isinstance(option, dict):
+        return any(float(v) > 0 for v in option.values())
+    return float(option) > 0
+
+
+def augment_config(cfg: TrainConfig) -> AugmentConfig | None:
+    """The augmentation of a resolved ``cfg`` (None when off); ``augmentation_options`` override the strength."""
+    if cfg.augmentation == "off":
+        if cfg.augmentation_options:
+            raise ConfigError("augmentation_options are given but augmentation is off; set augmentation: light, "
+                              "medium or strong (or auto with the default preprocessing)")
+        return None
+    if cfg.augmentation == "auto":
+        raise RuntimeError("augmentation 'auto' must be resolved by Task.resolve first")
+    return AugmentConfig.preset(cfg.augmentation, cfg.augmentation_options)
 
 
 def ignore_index_of(spec: DatasetSpec) -> int | None:
