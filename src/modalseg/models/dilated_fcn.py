@@ -48,6 +48,7 @@ refused: the three 2x pools and the x8 shuffle are the network.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,24 +89,18 @@ class PreActivation(nn.Sequential):
 
 
 class ResidualBlock(nn.Module):
-    """Two pre-activation layers plus an identity shortcut, zero-padded on channels when widening."""
+    """Two pre-activation layers plus an identity shortcut, zero-padded on channels when widening.
 
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        dilation: int = 1,
-        dropout: float = 0.25,
-        negative_slope: float = 0.2,
-        norm: str | NormFactory = "batch",
-        spatial_dims: int = 2,
-    ) -> None:
+    ``layer_options`` are :class:`PreActivation`'s (``dilation``, ``dropout``, ``negative_slope``, ``norm``,
+    ``spatial_dims``), given to both layers; an unknown one is a ``TypeError`` there."""
+
+    def __init__(self, in_ch: int, out_ch: int, **layer_options: Any) -> None:
         super().__init__()
         if out_ch < in_ch:
             raise ValueError(f"residual block cannot narrow {in_ch} -> {out_ch} channels (padded shortcut)")
         self.in_ch, self.out_ch = in_ch, out_ch
-        self.p1 = PreActivation(in_ch, out_ch, dilation, dropout, negative_slope, norm, spatial_dims)
-        self.p2 = PreActivation(out_ch, out_ch, dilation, dropout, negative_slope, norm, spatial_dims)
+        self.p1 = PreActivation(in_ch, out_ch, **layer_options)
+        self.p2 = PreActivation(out_ch, out_ch, **layer_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.out_ch == self.in_ch else layers.pad_channels(x, self.out_ch - self.in_ch)
@@ -170,7 +165,7 @@ class DilatedFCN(nn.Module):
         kw = {"dropout": dropout, "negative_slope": negative_slope, "norm": factory, "spatial_dims": d}
 
         def res(i: int, o: int, dilation: int = 1) -> ResidualBlock:
-            return ResidualBlock(i, o, dilation, **kw)
+            return ResidualBlock(i, o, dilation=dilation, **kw)
 
         self.group1 = nn.Sequential(
             layers.conv(d, in_channels, f, 3, padding=1, bias=False), res(f, f), layers.max_pool(d, 2)
