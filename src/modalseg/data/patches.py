@@ -25,16 +25,33 @@ uniform.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
 
 from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler, _check_rank
 
-if TYPE_CHECKING:
-    from modalseg.data.cache import SliceCache
-    from modalseg.data.volume_cache import VolumeCache
+
+class SliceRefSource(Protocol):
+    """What the 2D samplers need of a cache (``SliceCache``): global slice indices as depth-1 patch refs."""
+
+    def slice_refs(self, indices: Sequence[int] | np.ndarray) -> list[PatchRef]: ...
+
+
+class PatchVolumes(Protocol):
+    """What :class:`PatchSampler` needs of a cache (``VolumeCache``): the cases' shapes and foreground voxels.
+
+    A contract rather than the cache class, so that the caches can import the patch refs without a cycle."""
+
+    cases: Sequence[Any]  # each with ``shape`` (C, D, H, W)
+
+    @property
+    def num_cases(self) -> int: ...
+
+    def check_patch_depth(self, depth: int) -> None: ...
+
+    def foreground_locations(self, case: int) -> np.ndarray: ...
 
 Triple = tuple[int, int, int]
 _PATCH_TAG = 0x9A7C4  # separates patch draws from other users of (seed, step, index)
@@ -102,7 +119,7 @@ class SlicePatchSampler:
     """Today's paired 2D order (:class:`EpochBatchSampler`: seed, epoch, batch, rank, foreground oversampling) as
     depth-1 patches of the cache's volumes."""
 
-    def __init__(self, cache: SliceCache, sampler: EpochBatchSampler) -> None:
+    def __init__(self, cache: SliceRefSource, sampler: EpochBatchSampler) -> None:
         self.cache, self.sampler = cache, sampler
 
     def num_batches(self, epoch: int = 0) -> int:
@@ -122,7 +139,7 @@ class UnpairedSlicePatchSampler:
     """Today's unpaired 2D order (:class:`UnpairedBatchSampler`: one batch per modality and step) as depth-1
     patches."""
 
-    def __init__(self, cache: SliceCache, sampler: UnpairedBatchSampler) -> None:
+    def __init__(self, cache: SliceRefSource, sampler: UnpairedBatchSampler) -> None:
         self.cache, self.sampler = cache, sampler
 
     def batch_at(self, step: int) -> dict[str, list[PatchRef]]:
@@ -156,7 +173,7 @@ class PatchSampler:
 
     def __init__(
         self,
-        cache: VolumeCache,
+        cache: PatchVolumes,
         patch_size: Sequence[int],
         batch_size: int,
         *,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modalseg.models import layers
+import modalseg.models.layers as layers
 from modalseg.models.layers import NormFactory, Size
 
 Norm = str | NormFactory

@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import modalseg.models.layers as layers
 from modalseg.errors import ConfigError
-from modalseg.models import layers
 from modalseg.models.layers import NormFactory
 from modalseg.models.msbn import selected_modality
 

@@ -26,8 +26,8 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import nn
 
+import modalseg.models.layers as layers
 from modalseg.errors import ConfigError
-from modalseg.models import layers
 from modalseg.models.blocks import ConvBlock, Norm
 from modalseg.models.fusion import Fusion
 from modalseg.models.msbn import selected_modality

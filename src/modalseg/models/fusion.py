@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+import modalseg.models.layers as layers
 from modalseg.errors import ConfigError
-from modalseg.models import layers
 from modalseg.models.blocks import ConvBlock, Norm, SpatialAttention, UpBlock
 from modalseg.models.layers import Size
 from modalseg.models.msbn import selected_modality

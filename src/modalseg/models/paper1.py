@@ -35,8 +35,8 @@ from typing import Any
 
 from torch import nn
 
+import modalseg.models.layers as layers
 from modalseg.errors import ConfigError
-from modalseg.models import layers
 from modalseg.models.fusenet import FuseNet
 from modalseg.models.fusion import FusionConfig, FusionUNet
 from modalseg.models.registry import ModelCard, ParamCount, list_models, model_cards, register_model

@@ -20,7 +20,7 @@ import csv
 import io
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,7 +28,46 @@ from modalseg.training.step import StepResult
 from modalseg.utils.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from modalseg.training.engine import Trainer
+    from pathlib import Path
+
+    from torch import nn
+
+    from modalseg.training.config import TrainConfig
+    from modalseg.training.distributed import DistInfo
+    from modalseg.training.precision import Precision
+    from modalseg.training.tasks import Task
+
+
+class Trainer(Protocol):
+    """What the callbacks read and call of :class:`modalseg.training.engine.Trainer` (a contract, so that this
+    module does not import the engine that imports it)."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    task: Task
+    network: nn.Module
+    precision: Precision
+    run_dir: Path
+    console: bool
+    history: list[dict[str, Any]]
+    epoch: int
+    batch_in_epoch: int
+    global_step: int
+    steps_per_epoch: int
+    epoch_images: int
+    best: float
+    best_epoch: int | None
+    last_validation_degenerate: bool
+    fit_completed: bool
+
+    @property
+    def val_scope(self) -> str: ...
+
+    def save(self, name: str) -> None: ...
+
+    def validate(self) -> float: ...
+
+    def guard_precision(self) -> None: ...
 
 
 @dataclass
@@ -200,7 +239,7 @@ class BatchNormRecalibration(Callback):
     default list does not include it (neither paper's recipe has it)."""
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if not getattr(trainer, "fit_completed", False):  # a run that failed keeps its last good checkpoint
+        if not trainer.fit_completed:  # a run that failed keeps its last good checkpoint
             return
         recalibrate_batch_norm(trainer)
         trainer.save("latest.pt")
