@@ -3,8 +3,6 @@ bytes, which must not change."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,20 +25,9 @@ from modalseg.data.synth import (
 from modalseg.data.synth.breast3d import rim_gain
 from modalseg.data.verify import verify_dataset
 from modalseg.errors import ConfigError
+from test_protocols import _digest  # file digest, NIfTI hashed uncompressed
 
 TINY = dict(size=16, slices=8)
-
-
-def _digest(root: Path) -> str:
-    """SHA-256 over every file's path and content, NIfTI hashed uncompressed (as tests/test_protocols.py)."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name.endswith(".gz"):
-                data = gzip.decompress(data)
-            h.update(str(p.relative_to(root)).encode() + b"\0" + hashlib.sha256(data).digest())
-    return h.hexdigest()
 
 
 def _files(root: Path) -> dict[str, bytes]:
