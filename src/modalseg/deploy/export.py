@@ -306,6 +306,10 @@ def export_run(
     fp32 = resolve_precision(torch.device("cpu"), "fp32")
     models = load_models([model], fp32, device="cpu", which=which)
     meta = models[0].meta
+    if meta.patch_size or meta.context_slices:
+        what = "a 3D network (sliding-window inference)" if meta.patch_size else "a 2.5D network (neighbouring slices)"
+        raise ConfigError(f"export is for 2D slice networks; this checkpoint is {what}, whose inferer the exported "
+                          "runtime does not have yet: predict it with `modalseg predict`", models[0].path)
     base = model if model.is_dir() else model.parent
     size_multiple, min_size = models[0].backend.size_multiple, models[0].backend.min_size
     channels = meta.in_channels * (len(meta.modalities) if meta.kind == "paired" else 1)

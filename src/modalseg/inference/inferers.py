@@ -1,14 +1,19 @@
-"""How a volume becomes network inputs: batched slices for 2D networks (sliding windows for 3D come next).
+"""How a volume becomes network inputs: batched slices (2D), slices with their neighbours (2.5D) or
+overlapping 3D windows (3D).
 
 An inferer takes any :class:`~modalseg.inference.backends.Backend` (MONAI's "inferer over any callable"
-idea): the same slice batching serves validation, evaluation, ``modalseg predict`` and exported models.
-Importing it does not import torch (the torch-free runtime of ``modalseg.deploy`` runs this inferer).
+idea) and one volume's slice stack ``(N, C, H, W)`` (``N`` along the slice axis, the cache's slice-major order)
+and returns probabilities ``(N, K, H, W)``: the same contract for all three, so validation, evaluation,
+``modalseg predict``, test-time augmentation and fold ensembling do not care which one runs, and the
+prediction's geometry (un-resize, un-crop, reorientation) is restored by the same inverse transforms.
+Importing it does not import torch (the torch-free runtime of ``modalseg.deploy`` runs the slice inferer);
+the sliding-window inferer imports torch and MONAI when it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -20,8 +25,15 @@ if TYPE_CHECKING:
 
     from modalseg.training.precision import Precision
 
-__all__ = ["DEFAULT_PIXELS_PER_BATCH", "SliceInferer", "ensemble_probabilities", "input_size_rule",
-           "predict_probabilities", "slices_per_batch"]
+__all__ = ["DEFAULT_PIXELS_PER_BATCH", "ContextSliceInferer", "Inferer", "SlidingWindowInferer", "SliceInferer",
+           "ensemble_probabilities", "inferer_for", "input_size_rule", "predict_probabilities", "slices_per_batch",
+           "with_context"]
+
+class Inferer(Protocol):
+    """One volume's slice stack ``(N, C, H, W)`` -> probabilities ``(N, K, H, W)`` through ``backend``."""
+
+    def __call__(self, backend: Backend, images: np.ndarray, modality: int | None = None) -> np.ndarray: ...
+
 
 #: Pixels per forward pass: 8 slices of 256x256, the fastest batch measured on 2 CPU cores (docs/benchmarks.md).
 #: Prediction memory follows pixels, not slices: one 2048x2048 slice is 64 slices of 256x256.
@@ -76,6 +88,101 @@ class SliceInferer:
                     x = np.pad(x, pad)
                 out.append(backend(x, modality, (top, height, left, width)))
         return np.concatenate(out, axis=0)
+
+
+def with_context(images: np.ndarray, context: int) -> np.ndarray:
+    """2.5D input of one volume's slices ``(N, C, H, W)``: each slice with its ``context`` neighbours on either side,
+    ``(N, C * (2 * context + 1), H, W)``, modality-major (modality ``c``'s slices ``d - context .. d + context`` are
+    channels ``c * (2 context + 1) ...``: the paired networks split their input into per-modality blocks of
+    ``in_channels``). Beyond the first and last slice the neighbours are zeros (the mean after z-scoring; what the
+    training patches are padded with)."""
+    images = np.asarray(images, dtype=np.float32)
+    n, c = images.shape[:2]
+    width = 2 * int(context) + 1
+    padded = np.zeros((n + 2 * context, c, *images.shape[2:]), dtype=np.float32)
+    padded[context: context + n] = images
+    # window j of slice d is padded[d + j]: (N, width, C, H, W) -> (N, C, width, H, W)
+    stacked = np.stack([padded[j: j + n] for j in range(width)], axis=1)
+    return np.ascontiguousarray(stacked.transpose(0, 2, 1, 3, 4).reshape(n, c * width, *images.shape[2:]))
+
+
+class ContextSliceInferer:
+    """2.5D: a :class:`SliceInferer` over every slice of one volume with its ``context`` neighbours as extra channels
+    per modality (:func:`with_context`). ``images`` must be the volume's whole slice stack, in slice order."""
+
+    def __init__(self, context: int, inner: SliceInferer | None = None, chunk: int = 64) -> None:
+        if int(context) < 1:
+            raise ValueError(f"context must be >= 1 slice, got {context}")
+        self.context, self.inner, self.chunk = int(context), inner or SliceInferer(), int(chunk)
+
+    def __call__(self, backend: Backend, images: np.ndarray | torch.Tensor, modality: int | None = None) -> np.ndarray:
+        images = images if isinstance(images, np.ndarray) else images.numpy()
+        n, k = len(images), self.context
+        if n == 0:
+            return np.zeros((0,), np.float32)
+        out = []
+        for start in range(0, n, self.chunk):  # a chunk of slices at a time, each with its real neighbours
+            lo, hi = max(0, start - k), min(n, start + self.chunk + k)
+            stacked = with_context(images[lo:hi], k)[start - lo: start - lo + min(self.chunk, n - start)]
+            out.append(self.inner(backend, stacked, modality))
+        return np.concatenate(out, axis=0)
+
+
+class SlidingWindowInferer:
+    """3D: overlapping windows of ``patch_size`` (d, h, w) over one volume, Gaussian-weighted (nnU-Net's
+    prediction; MONAI's :func:`~monai.inferers.sliding_window_inference` does the tiling and blending).
+
+    ``images`` is the volume's slice stack ``(N, C, H, W)``, i.e. depth ``N``; the result is ``(N, K, H, W)``.
+    Deviations from MONAI's defaults, stated: ``overlap`` 0.5 (MONAI 0.25; nnU-Net's step of half a patch) and
+    ``mode="gaussian"`` (MONAI: constant) with MONAI's ``sigma_scale`` 0.125 (nnU-Net's 1/8 of the patch). The
+    windows' *probabilities* are blended (the backend contract returns probabilities), as fold ensembling and
+    test-time augmentation average probabilities. A volume smaller than the window along an axis is zero-padded by
+    MONAI (the mean after z-scoring) and cropped back, so any volume size is predicted; a window must itself suit
+    the network (``patch_size`` comes from the planner, a multiple of the network's poolings).
+    """
+
+    def __init__(self, patch_size: Sequence[int], *, overlap: float = 0.5, batch_size: int = 2,
+                 mode: str = "gaussian") -> None:
+        size = tuple(int(v) for v in patch_size)
+        if len(size) != 3 or min(size) < 1:
+            raise ValueError(f"patch_size must be 3 positive sizes (d, h, w), got {patch_size!r}")
+        if not 0.0 <= float(overlap) < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        self.patch_size, self.overlap, self.batch_size, self.mode = size, float(overlap), int(batch_size), mode
+
+    def __call__(self, backend: Backend, images: np.ndarray | torch.Tensor, modality: int | None = None) -> np.ndarray:
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        images = images if isinstance(images, np.ndarray) else images.numpy()
+        if len(images) == 0:
+            return np.zeros((0,), np.float32)
+        # (1, C, D, H, W), a writable copy (the cache's volumes are read-only memory maps)
+        volume = np.array(np.moveaxis(np.asarray(images, dtype=np.float32), 0, 1)[None], order="C")
+
+        def window_probabilities(x: torch.Tensor) -> torch.Tensor:
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            return torch.from_numpy(backend(x.numpy(), modality, (0, h, 0, w)))
+
+        with backend.session(), torch.no_grad():
+            probs = sliding_window_inference(
+                torch.from_numpy(volume), self.patch_size, self.batch_size, window_probabilities,
+                overlap=self.overlap, mode=self.mode, padding_mode="constant", cval=0.0)
+        probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
+        return np.ascontiguousarray(np.moveaxis(probs[0].float().numpy(), 1, 0))  # (D, K, H, W)
+
+
+def inferer_for(meta: object, batch_size: int = 8, *, overlap: float = 0.5) -> Inferer:
+    """The inferer a trained model needs, from its description (``ModelMeta``): sliding windows of
+    ``meta.patch_size`` for a 3D network, neighbours as channels for a 2.5D one (``meta.context_slices``), else
+    batched slices."""
+    patch = getattr(meta, "patch_size", None)
+    if patch:
+        return SlidingWindowInferer(patch, overlap=overlap, batch_size=max(1, min(int(batch_size), 2)))
+    context = int(getattr(meta, "context_slices", 0) or 0)
+    if context:
+        return ContextSliceInferer(context, SliceInferer(batch_size))
+    return SliceInferer(batch_size)
 
 
 def predict_probabilities(

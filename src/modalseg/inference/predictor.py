@@ -8,7 +8,8 @@ The steps are the checkpoint's deterministic transforms, each inverted on the wa
 1. assistant modalities onto the first volume's grid (data/geometry.py ``onto_grid``; refused if ``strict``);
 2. the checkpoint's invertible transforms (data/transforms.py, built by ``preprocessing_pipeline``): canonical
    (closest to RAS) voxel order as in training, normalisation, slices, crop box, resize;
-3. the inferer over every backend (slices, batched), probabilities averaged over models (fold ensembling);
+3. the model's inferer over every backend (batched slices in 2D, slices with their neighbours in 2.5D,
+   Gaussian-weighted sliding windows in 3D: ``inferer_for``), probabilities averaged over models (fold ensembling);
    With ``missing`` modalities (a model trained with modality dropout, ``meta.modality_dropout``), the given
    volumes are the modalities present and each missing channel is filled with 0 after normalisation, exactly
    as training dropped it (data/augment.py ``ModalityDropout``); the first volume given is the reference grid;
@@ -37,7 +38,7 @@ from modalseg.data.types import Volume, paint_regions
 from modalseg.data.verify import intensity_problems
 from modalseg.errors import CheckpointError, DataError
 from modalseg.inference.backends import Backend, TorchBackend
-from modalseg.inference.inferers import SliceInferer, ensemble_probabilities
+from modalseg.inference.inferers import Inferer, ensemble_probabilities, inferer_for
 from modalseg.training.model_meta import ModelMeta, check_missing
 
 if TYPE_CHECKING:  # torch is imported where a torch model is loaded: exported models run without it
@@ -167,12 +168,16 @@ def _check_inputs(volumes: Sequence[Volume], names: Sequence[str], tol: float = 
 class Predictor:
     """Model(s) of one kind + their preprocessing -> labels and probabilities for a case's volumes."""
 
-    def __init__(self, models: Sequence[LoadedModel], *, inferer: SliceInferer | None = None) -> None:
+    def __init__(self, models: Sequence[LoadedModel], *, inferer: Inferer | None = None) -> None:
         if not models:
             raise CheckpointError("no model to predict with")
         self.models = list(models)
         self.meta = self.models[0].meta
-        self.inferer = inferer or SliceInferer()
+        layouts = {(m.meta.spatial_dims, tuple(m.meta.patch_size or ()), m.meta.context_slices) for m in self.models}
+        if len(layouts) > 1:
+            raise CheckpointError("the models to ensemble differ in layout (2D / 2.5D / 3D or the 3D window): "
+                                  f"{sorted(layouts)}; ensemble models of one configuration")
+        self.inferer = inferer or inferer_for(self.meta)
 
     @classmethod
     def from_checkpoints(
@@ -181,7 +186,7 @@ class Predictor:
     ) -> Predictor:
         """Checkpoint files, fold folders or run folders (every fold: an ensemble). ``precision=None``: measured."""
         models = load_models(paths, precision, device=device, batch_size=batch_size, which=which)
-        return cls(models, inferer=SliceInferer(batch_size))
+        return cls(models, inferer=inferer_for(models[0].meta, batch_size))
 
     @property
     def precision(self) -> Precision | None:

@@ -55,21 +55,22 @@ CSA_READINGS: tuple[str, ...] = ("literal", "mean_squared")
 _FORMS = {"literal": "literal", "mean_squared": "mean_squared", "mse": "mean_squared"}
 
 
-def resize_mask(onehot: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """One-hot mask (B, C, H, W) resized to ``size`` with nearest neighbour (Eq. 2's "reshape"), as float32.
+def resize_mask(onehot: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """One-hot mask (B, C, *spatial) resized to ``size`` with nearest neighbour (Eq. 2's "reshape"), as float32.
 
     PyTorch's ``"nearest"`` (source index = floor(dst * scale)) is the convention of TensorFlow 1's
     ``resize_nearest_neighbor`` used by the original code.
     """
     onehot = onehot.float()
-    if tuple(onehot.shape[-2:]) == tuple(size):
+    if tuple(onehot.shape[2:]) == tuple(size):
         return onehot
     return F.interpolate(onehot, size=size, mode="nearest")
 
 
 def _flat_unit(x: torch.Tensor) -> torch.Tensor:
-    """Flatten the spatial axes and scale each map to unit L2 norm; all-zero maps stay zero (cosine 0)."""
-    x = x.flatten(-2)
+    """Flatten the spatial axes of (B, C, M, *spatial) and scale each map to unit L2 norm; all-zero maps stay zero
+    (cosine 0)."""
+    x = x.flatten(3)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
 
 
@@ -79,8 +80,9 @@ def check_pairable(name_l: str, size_l: tuple[int, ...], name_k: str, size_k: tu
     Why: layer k is resized bilinearly onto layer l's grid before the cosine (Eq. 3); between incommensurate
     grids (e.g. 3x4 and 2x2) the resampled channels no longer describe the same image positions.
     """
-    if len(size_l) != 2 or len(size_k) != 2:
-        raise ConfigError(f"feature layers {name_l!r} and {name_k!r} must output (B, C, H, W) maps to be paired")
+    if len(size_l) not in (2, 3) or len(size_k) != len(size_l):
+        raise ConfigError(f"feature layers {name_l!r} and {name_k!r} must output (B, C, H, W) or (B, C, D, H, W) maps "
+                          "of one dimensionality to be paired")
     if tuple(size_l) == tuple(size_k):
         return
     up = all(a % b == 0 for a, b in zip(size_l, size_k, strict=True)) and all(
@@ -118,8 +120,9 @@ def class_affinity(
         optionally the validity mask. A class absent from an image (S_c = 0) gives an all-zero matrix,
         never NaN.
     """
-    if feat_l.dim() != 4 or feat_k.dim() != 4 or onehot.dim() != 4:
-        raise ValueError("class_affinity expects 4D tensors (B, channels, H, W)")
+    if feat_l.dim() not in (4, 5) or not feat_l.dim() == feat_k.dim() == onehot.dim():
+        raise ValueError("class_affinity expects tensors (B, channels, H, W), or (B, channels, D, H, W) for 3D "
+                         "networks (the paper's future work: the same equations over voxels)")
     if not (feat_l.shape[0] == feat_k.shape[0] == onehot.shape[0]):
         raise ValueError(
             f"batch sizes differ: feat_l {feat_l.shape[0]}, feat_k {feat_k.shape[0]}, "
@@ -127,11 +130,12 @@ def class_affinity(
         )
     with torch.autocast(device_type=feat_l.device.type, enabled=False):
         fl, fk = feat_l.float(), feat_k.float()
-        size = (fl.shape[-2], fl.shape[-1])
-        if fk.shape[-2:] != fl.shape[-2:]:
-            fk = F.interpolate(fk, size=size, mode="bilinear", align_corners=False)
-        mask = resize_mask(onehot, size)  # (B, C, H, W)
-        s_c = mask.sum(dim=(-2, -1))  # (B, C)
+        size = tuple(fl.shape[2:])
+        if fk.shape[2:] != fl.shape[2:]:
+            mode = "bilinear" if len(size) == 2 else "trilinear"
+            fk = F.interpolate(fk, size=size, mode=mode, align_corners=False)
+        mask = resize_mask(onehot, size)  # (B, C, *spatial)
+        s_c = mask.sum(dim=tuple(range(2, mask.dim())))  # (B, C)
         # Eq. 2 (Hadamard product with the class mask), then unit maps for the cosine of Eq. 3.
         ul = _flat_unit(fl.unsqueeze(1) * mask.unsqueeze(2))  # (B, C, M, HW)
         uk = _flat_unit(fk.unsqueeze(1) * mask.unsqueeze(2))  # (B, C, N, HW)
@@ -219,8 +223,8 @@ def affinity_loss(
     The whole feature map is one "class": M is all ones, so S = H*W and every image counts. Same
     normalisation (``region_norm``: divide by S = H*W) and reduction (``form``) as :func:`csa_loss`.
     """
-    ones1 = feat1_l.new_ones((feat1_l.shape[0], 1, *feat1_l.shape[-2:]), dtype=torch.float32)
-    ones2 = feat2_l.new_ones((feat2_l.shape[0], 1, *feat2_l.shape[-2:]), dtype=torch.float32)
+    ones1 = feat1_l.new_ones((feat1_l.shape[0], 1, *feat1_l.shape[2:]), dtype=torch.float32)
+    ones2 = feat2_l.new_ones((feat2_l.shape[0], 1, *feat2_l.shape[2:]), dtype=torch.float32)
     a1, v1 = class_affinity(feat1_l, feat1_k, ones1, return_valid=True, region_norm=region_norm)
     a2, v2 = class_affinity(feat2_l, feat2_k, ones2, return_valid=True, region_norm=region_norm)
     return csa_loss(a1, a2, v1, v2, form=form)

@@ -31,13 +31,17 @@ KD_ABSENT: tuple[str, ...] = ("skip", "ummkd")
 
 
 def class_mean_logits(logits: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean logit vector of each class's ground-truth pixels over the batch: (C, C) and counts (C,)."""
+    """Mean logit vector of each class's ground-truth pixels (voxels, for 3D networks) over the batch: (C, C) and
+    counts (C,)."""
     if logits.shape != onehot.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and one-hot labels {tuple(onehot.shape)} differ")
     z = logits.float()
     m = onehot.float()
-    sums = torch.einsum("bkhw,bchw->ck", z, m)  # sum of logit vectors over pixels of class c
-    counts = m.sum(dim=(0, 2, 3))
+    if z.dim() == 4:
+        sums = torch.einsum("bkhw,bchw->ck", z, m)  # sum of logit vectors over pixels of class c
+    else:  # 3D: the same sum over voxels
+        sums = torch.einsum("bkp,bcp->ck", z.flatten(2), m.flatten(2))
+    counts = m.sum(dim=(0, *range(2, m.dim())))
     return sums / (counts[:, None] + 1e-6), counts
 
 
@@ -97,7 +101,7 @@ def ummkd_dice_loss(
         if mask is not None:
             p = p * mask.unsqueeze(1).float()
         g = onehot.float()
-        dims = (0, 2, 3)
+        dims = (0, *range(2, logits.dim()))  # the batch and every pixel (voxel)
         inter = (p * g).sum(dim=dims)
         dice = 2.0 * inter / ((p * p).sum(dim=dims) + g.sum(dim=dims) + eps)
         return 1.0 - dice.mean()

@@ -113,7 +113,7 @@ class Plan:
     @property
     def divisibility(self) -> Triple:
         """Per axis, the product of the pooling steps: every patch side is a multiple of it."""
-        return _divisor(self.strides)
+        return divisibility(self.strides)
 
     def model_options(self) -> dict[str, Any]:
         """``create_model`` options of the planned network (lists, so they round-trip through JSON/YAML)."""
@@ -185,7 +185,8 @@ def _triple(value: Sequence[Any], what: str, kind: type = int) -> tuple[Any, Any
     return items  # type: ignore[return-value]
 
 
-def _divisor(strides: Sequence[Sequence[int]]) -> Triple:
+def divisibility(strides: Sequence[Sequence[int]]) -> Triple:
+    """Per axis, the product of the pooling steps: what every side of an input must be a multiple of."""
     total = [1, 1, 1]
     for step in strides:
         for a in range(3):
@@ -310,7 +311,7 @@ def activation_bytes(
     patch = tuple(int(v) for v in patch_size)
     strides = opts.get("strides")
     if strides is not None:
-        div = _divisor(strides)
+        div = divisibility(strides)
         if all(p % d == 0 for p, d in zip(patch, div, strict=True)):
             small = (2 * div[0], 2 * div[1], 2 * div[2])
             large = (4 * div[0], 2 * div[1], 2 * div[2])
@@ -399,7 +400,7 @@ def plan_3d(
         p = [int(v) for v in patch]
         while True:
             kernels, strides = topo(p)
-            div = _divisor(strides)
+            div = divisibility(strides)
             q = [max(d, (v // d) * d) for v, d in zip(p, div, strict=True)]
             if q == p:
                 return p, kernels, strides
@@ -417,11 +418,11 @@ def plan_3d(
             f"plan_3d: median shape {list(median)} is too small to pool once (every axis needs "
             f"{2 * min_feature_size} voxels)"
         )
-    div0 = _divisor(strides0)
+    div0 = divisibility(strides0)
     patch, kernels, strides = normalise([-(-m // d) * d for m, d in zip(median, div0, strict=True)])
     floor = [min(m, 2 * min_feature_size) for m in median]
     while not strides or memory(patch, kernels, strides, MIN_BATCH_SIZE) > budget:
-        axis = _shrink_axis(patch, median, _divisor(strides) if strides else (1, 1, 1), floor)
+        axis = _shrink_axis(patch, median, divisibility(strides) if strides else (1, 1, 1), floor)
         if axis < 0 or not strides:
             need = memory(patch, kernels, strides, MIN_BATCH_SIZE) if strides else float("nan")
             raise ConfigError(
@@ -429,7 +430,7 @@ def plan_3d(
                 f"patch {'x'.join(map(str, patch))} of {model} at base width {width} (needs ~{need:.0f} MB)"
             )
         smaller = list(patch)
-        smaller[axis] -= _divisor(strides)[axis]
+        smaller[axis] -= divisibility(strides)[axis]
         patch, kernels, strides = normalise(smaller)
 
     acts, params = activation_bytes(

@@ -39,7 +39,8 @@ class OptionCheck:
     """Declared type and range of one option.
 
     ``kind``: int | float | bool | str | path | mapping | names (a list of strings) | probabilities (a number, or
-    a mapping of names to numbers: one value for all or one per name). ``ge``/``gt``/``le`` bound numbers (each
+    a mapping of names to numbers: one value for all or one per name) | sizes (three positive integers).
+    ``ge``/``gt``/``le`` bound numbers (each
     value of ``probabilities``); ``choices`` restricts strings; ``nullable`` (set when the default is None) allows
     None = "resolve from the dataset". Floats must be finite; bools are never ints and ints never floats.
     """
@@ -62,7 +63,8 @@ class OptionCheck:
         else:
             text = {"bool": "true or false", "str": "a string", "path": "a path (string)",
                     "mapping": "a mapping with string keys ({key: value})",
-                    "names": "a non-empty list of strings ([a, b])"}[self.kind]
+                    "names": "a non-empty list of strings ([a, b])",
+                    "sizes": "three positive integers ([d, h, w])"}[self.kind]
         if self.nullable:
             return "true, false or null" if self.kind == "bool" else f"{text} or null"
         return text
@@ -132,6 +134,11 @@ class OptionCheck:
             if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
                 raise _Invalid
             return list(value)
+        elif kind == "sizes":
+            if (not isinstance(value, (list, tuple)) or len(value) != 3
+                    or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in value)):
+                raise _Invalid
+            return [int(v) for v in value]
         else:  # pragma: no cover - a declaration error, not a user error
             raise ValueError(f"unknown option kind {kind!r}")
         if ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
@@ -188,6 +195,18 @@ class TrainConfig:
     feature_layers: list[str] | None = _opt(
         None, "unpaired only: layers whose features feed the (CSA) affinity loss", "names"
     )
+    dims: int = _opt(
+        2, "network dimensionality: 2 (slices; both papers) or 3 (patches of whole volumes, kernels and poolings "
+        "planned from the spacing, sliding-window inference; docs/3d.md)", "int", ge=2, le=3)
+    context_slices: int = _opt(
+        0, "2.5D (dims 2 only): each slice with this many neighbours on either side as extra input channels per "
+        "modality; 0 = plain 2D", "int", ge=0, le=8)
+    patch_size: list | None = _opt(
+        None, "dims 3: training patch and inference window (d, h, w) (default: planned from the data's median shape "
+        "and spacing within memory_budget_mb, models/planning.py)", "sizes")
+    memory_budget_mb: float | None = _opt(
+        None, "dims 3: memory the planner may fill with a training step (default: 70% of the GPU's memory, 4096 "
+        "on CPU)", "float", gt=0)
     # --- optimisation ---
     epochs: int = _opt(100, "number of epochs (unpaired: an epoch is `steps_per_epoch` iterations)", "int", ge=1)
     steps_per_epoch: int | None = _opt(

@@ -33,11 +33,13 @@ from modalseg.data.layouts import load_dataset
 from modalseg.data.preprocess import PreprocessConfig
 from modalseg.data.types import DatasetSpec
 from modalseg.errors import CheckpointError, ConfigError, TrainingError
+from modalseg.inference.backends import TorchBackend
 from modalseg.training.callbacks import Callback, EpochEnd, default_callbacks
 from modalseg.training.checkpoint import first_non_finite, read_checkpoint, save_checkpoint
 from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
-from modalseg.training.inference import input_size_rule, predict_outputs, score_groups
+from modalseg.training.inference import input_size_rule, score_groups
+from modalseg.training.layout import check_layout
 from modalseg.training.model_meta import decode_outputs, regions_of
 from modalseg.training.precision import Precision, resolve_device, resolve_precision
 from modalseg.training.splits import resolve_splits
@@ -182,6 +184,7 @@ class Trainer:
             self._say(self.task.describe_auto_model(cfg))
         self.precision: Precision = resolve_precision(self.device, cfg.precision, cfg.channels_last)
         self.pp = make_preprocess(cfg, self.spec)
+        check_layout(cfg, self.pp.only_labelled_slices)  # 2.5D / 3D options, before any cache is built
         self.cache: SliceCache = prepare_cache(cfg, self.spec, self.pp, self.dist)
         patients = sorted(self.cache.patients)
         if cfg.train_all:  # nnU-Net's `-f all`: one model on every case, nothing held out
@@ -221,10 +224,14 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed)
         modalities = self.task.model_modalities(cfg)
+        # 2.5D channels or the 3D plan (kernels, poolings, patch) of this data; nothing in 2D
+        shape, plan_line = self.task.network_layout(cfg, self.cache, self.device)
+        if plan_line:
+            self._say(plan_line)
         self.meta = ModelMeta(
             kind=self.task.kind,
             model=cfg.model,
-            model_options=dict(cfg.model_options),
+            model_options=shape.pop("model_options", dict(cfg.model_options)),
             modalities=modalities,
             num_classes=len(self.spec.output_labels),  # region models: one channel per region, no background
             labels=self.spec.output_labels,
@@ -235,6 +242,7 @@ class Trainer:
             regions=regions_of(self.spec),
             ignore_label=self.spec.ignore_label,
             **self.task.meta_fields(cfg),
+            **shape,
         )
         self.network = build_network(self.meta)
         loss_module = self.task.build_loss(self.network, cfg)
@@ -282,7 +290,7 @@ class Trainer:
         val_cases = sorted(c for p in self.split["val"] for c in cases_of.get(p, ()))
         multiple, minimum = input_size_rule(self.network)
         height, width = (int(v) for v in self.cache.images.shape[-2:])
-        if height % multiple or width % multiple or min(height, width) < minimum:
+        if self.meta.patch_size is None and height % multiple or width % multiple or min(height, width) < minimum:
             need = max(minimum, height + (-height) % multiple), max(minimum, width + (-width) % multiple)
             raise ConfigError(
                 f"slices are {height}x{width} but model {cfg.model} needs sides of at least {minimum} that are "
@@ -516,7 +524,6 @@ class Trainer:
         if self.dist.is_main:
             group, idx = next(((g, v[:16]) for g, v in self.task.groups("val").items() if len(v)), (None, None))
             if idx is not None:
-                images, modality = self.task.inputs(group, idx)
                 target = np.asarray(self.cache.labels[idx])
                 fp32 = "fp32+channels_last" if self.precision.channels_last else "fp32"
                 candidate = dataclasses.replace(self.precision, auto=dataclasses.replace(info, fp32_fallback=fp32))
@@ -524,8 +531,7 @@ class Trainer:
                 chosen, line = accuracy_guard(
                     candidate,
                     # decoded label maps: class indices, or for region models painted label values (as target)
-                    lambda p: decode_outputs(predict_outputs(self.network, images, p, modality=modality,
-                                                             activation=self.meta.activation), self.meta) * valid,
+                    lambda p: decode_outputs(self.task.predict(self._backend(p), group, idx), self.meta) * valid,
                     target=target * valid, num_classes=self.meta.num_classes)
                 self.network.train()
                 self._say(line)
@@ -563,6 +569,10 @@ class Trainer:
         self.last_validation_degenerate = bool(empty) and ((all(empty) and any_foreground) or all(full))
         return float(np.mean(scores)) if scores else float("nan")
 
+    def _backend(self, precision: Precision) -> TorchBackend:
+        """The network as an inference backend in ``precision`` (softmax, or sigmoid per region)."""
+        return TorchBackend(self.network, precision, activation=self.meta.activation)
+
     def predict_split(self, which: str = "val") -> dict[str, SplitPrediction]:
         """Predictions on the fold's validation (or training) slices, per task group, with their records: argmax
         class indices, or for region models the regions painted with their label values (``decode_outputs``)."""
@@ -570,9 +580,7 @@ class Trainer:
         for group, idx in self.task.groups(which).items():
             if len(idx) == 0:
                 continue
-            images, modality = self.task.inputs(group, idx)
-            probs = predict_outputs(self.network, images, self.precision, modality=modality,
-                                    activation=self.meta.activation)
+            probs = self.task.predict(self._backend(self.precision), group, idx)
             target = np.asarray(self.cache.labels[idx])
             records = [self.cache.records[i] for i in idx]
             out[group] = SplitPrediction(decode_outputs(probs, self.meta), target, records, idx)

@@ -23,7 +23,8 @@ __all__ = ["ModelMeta", "build_network", "check_missing", "decode_outputs", "pai
 
 #: Fields added after the first release, with their defaults: left out of ``to_dict`` while at the default, so a
 #: model without them writes the very description older releases wrote (and ``--resume`` compares equal).
-_OPTIONAL_FIELDS: dict[str, Any] = {"regions": None, "ignore_label": None, "modality_dropout": None}
+_OPTIONAL_FIELDS: dict[str, Any] = {"regions": None, "ignore_label": None, "modality_dropout": None,
+                                     "patch_size": None, "context_slices": 0}
 
 
 def single_modality_models() -> frozenset[str]:
@@ -53,6 +54,10 @@ class ModelMeta:
     ``modality_dropout``: modality -> the probability with which training dropped (zeroed) it, for the modalities
     it dropped; None: trained with every modality always present (and every checkpoint written before the option
     existed). Only such a model predicts with modalities missing (:func:`check_missing`).
+    ``patch_size``: a 3D network's training patch ``(d, h, w)``, the window of its sliding-window inference (its
+    topology, ``spatial_dims=3`` with the planned ``kernel_sizes`` / ``strides``, is in ``model_options``).
+    ``context_slices``: a 2.5D network reads each slice with this many neighbours on either side as extra channels
+    of every modality (``in_channels = 2 * context_slices + 1``).
     """
 
     kind: str  # "paired" | "unpaired"
@@ -73,6 +78,15 @@ class ModelMeta:
     ignore_label: int | None = None
     #: paired: modality -> drop probability in training (modality dropout); None: never dropped
     modality_dropout: dict[str, float] | None = None
+    #: 3D: training patch / inference window (d, h, w); None: a 2D network
+    patch_size: list[int] | None = None
+    #: 2.5D: neighbouring slices on either side fed as extra channels per modality
+    context_slices: int = 0
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 (slice networks, 2.5D included) or 3."""
+        return int(self.model_options.get("spatial_dims", 2))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in _OPTIONAL_FIELDS or v != _OPTIONAL_FIELDS[k]}

@@ -31,7 +31,7 @@ from modalseg.data.io import (
 )
 from modalseg.data.types import Volume
 from modalseg.errors import DataError, OutputError
-from modalseg.inference.inferers import SliceInferer
+from modalseg.inference.inferers import inferer_for
 from modalseg.inference.predictor import LoadedModel, Predictor, load_models  # noqa: F401  (re-exported)
 from modalseg.training.model_meta import ModelMeta, check_missing
 from modalseg.utils.names import check_name, child_path
@@ -386,7 +386,8 @@ def predict_case(
     with modality dropout)."""
     from modalseg.inference.tta import with_tta
 
-    predictor = Predictor(models, inferer=with_tta(SliceInferer(batch_size), tta))
+    # the model's own inferer: slices (2D), slices with neighbours (2.5D) or sliding windows (3D)
+    predictor = Predictor(models, inferer=with_tta(inferer_for(models[0].meta, batch_size), tta))
     if case is None:
         meta = predictor.meta
         needed = [(meta.channel_names or meta.modalities).index(m) for m in predictor.input_names(None, missing)] \

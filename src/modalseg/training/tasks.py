@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modalseg.training.layout as layout
 from modalseg.data.augment import (
     AugmentConfig,
     IntensityAugment,
@@ -42,8 +44,9 @@ from modalseg.data.augment import (
     SpatialAugment,
     dropout_probabilities,
 )
-from modalseg.data.patches import SlicePatchSampler, UnpairedSlicePatchSampler, squeeze_depth
+from modalseg.data.patches import PatchSampler, SlicePatchSampler, UnpairedSlicePatchSampler, squeeze_depth
 from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
+from modalseg.data.transforms import stream_key
 from modalseg.data.types import IGNORE_INDEX, DatasetSpec
 from modalseg.errors import ConfigError
 from modalseg.losses.affinity import CSA_READINGS, affinity_loss, check_pairable, class_affinity, csa_loss
@@ -63,6 +66,7 @@ from modalseg.training.precision import Precision
 
 if TYPE_CHECKING:
     from modalseg.data.cache import SliceCache
+    from modalseg.inference.backends import Backend
     from modalseg.training.config import TrainConfig
 
 
@@ -196,7 +200,7 @@ class UnpairedLoss(nn.Module):
     def _one_hot(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The one-hot labels of the Dice, CSA and KD terms; ignored voxels belong to no class."""
         if self.ignore_index is None:
-            return F.one_hot(y, num_classes).permute(0, 3, 1, 2).float()
+            return F.one_hot(y, num_classes).movedim(-1, 1).float()
         return one_hot_valid(y, num_classes, self.ignore_index)
 
     def auxiliary(
@@ -335,6 +339,9 @@ class Task:
         self.cache: SliceCache | None = None
         self.steps_per_epoch = 0
         self.modalities: list[str] = []
+        #: the sample layout (training/layout.py): 2.5D neighbours per side, 3D patch (None: slices)
+        self.context = 0
+        self.patch_size: list[int] | None = None
 
     # ---------------------------------------------------------------- configuration
     def resolve(self, cfg: TrainConfig) -> TrainConfig:
@@ -351,6 +358,8 @@ class Task:
             updates["augmentation"] = "medium" if preprocess == "default" else "off"
         elif cfg.augmentation == "on":
             updates["augmentation"] = "medium"
+        if cfg.dims == 3 and cfg.batch_size is None:
+            updates["batch_size"] = 2  # patches per step: nnU-Net's 3D batch (the planner fits two in the budget)
         resolved = dataclasses.replace(cfg, **updates)
         self.check_random_options(resolved)
         return resolved
@@ -366,6 +375,66 @@ class Task:
         per-modality drop probabilities of a model trained with modality dropout, which ``predict --missing``
         requires. Empty without dropout, so the description stays what older releases wrote."""
         return {}
+
+    def network_layout(self, cfg: TrainConfig, cache: SliceCache, device: Any = None
+                       ) -> tuple[dict[str, Any], str | None]:
+        """:class:`ModelMeta` fields of the sample layout (2.5D channels, the 3D plan; training/layout.py) and
+        the line that reports a 3D plan (after :meth:`model_modalities`; nothing in 2D)."""
+        fields, line = layout.network_fields(cfg, cache, model=cfg.model, num_modalities=len(self.modalities),
+                                             num_classes=len(self.spec.output_labels), device=device)
+        self.context = int(fields.get("context_slices", 0))
+        self.patch_size = fields.get("patch_size")
+        return fields, line
+
+    @property
+    def layered(self) -> bool:
+        """Whether samples are more than single slices (2.5D or 3D)."""
+        return bool(self.context or self.patch_size)
+
+    def _layered_batch(self, refs: list, channels: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A 2.5D batch (depth ``2k + 1`` patches, not yet folded) or a 3D batch of patches, channels selected."""
+        x, y = self._cache().get_patches(layout.context_refs(refs, self.context) if self.context else refs)
+        return (x if channels is None else x[:, channels]), y
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After the random transforms: 2.5D folds the neighbours into the channels, keeps the centre label."""
+        return layout.fold_context(x, y, self.context) if self.context else (x, y)
+
+    def _patch_sampler(self, cfg: TrainConfig, positions: list[int], rank: int, world_size: int,
+                       stream: int = 0) -> PatchSampler:
+        if not positions:
+            raise ConfigError(f"fold {cfg.fold} has no training cases for 3D patches")
+        return PatchSampler(self._cache(), self.patch_size or (), cfg.batch_size // world_size, cases=positions,
+                            seed=cfg.seed, rank=rank, world_size=world_size,
+                            foreground_fraction=cfg.foreground_fraction or 0.0, stream=stream)
+
+    def predict(self, backend: Backend, group: str, indices: np.ndarray, batch_size: int = 8) -> np.ndarray:
+        """Probabilities ``(N, K, H, W)`` of the validation (or training) slices ``indices`` of ``group``: batched
+        slices in 2D; whole cached volumes through the layout's inferer in 2.5D and 3D (training/layout.py)."""
+        if not self.layered:
+            from modalseg.inference.inferers import SliceInferer
+
+            images, modality = self.inputs(group, indices)
+            return SliceInferer(batch_size)(backend, images, modality)
+        channels, modality = self._volume_inputs(group)
+        shape = types.SimpleNamespace(patch_size=self.patch_size, context_slices=self.context)
+        return layout.predict_slices(self._cache(), shape, backend, indices, channels, modality, batch_size)
+
+    def _volume_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
+        """The cached channels a group's volumes are read with and the ``modality`` argument of the network."""
+        raise NotImplementedError
+
+    def _slice_inputs(self, indices: np.ndarray, channels: list[int] | None) -> np.ndarray:
+        """Network inputs of cached slices ``indices``: the slices (2D), or with their neighbours folded into the
+        channels (2.5D). A 3D network reads volumes (:meth:`predict`), not slices."""
+        cache = self._cache()
+        if self.patch_size:
+            raise ConfigError("a 3D network reads patches of volumes, not slices (this step is 2D only)")
+        if self.context:
+            x, _ = self._finish(*self._layered_batch(cache.slice_refs(indices), channels))
+            return x.numpy()
+        images = cache.images[indices]
+        return images if channels is None else images[:, channels]
 
     def random_transforms(self, cfg: TrainConfig, key: str = "") -> RandomPipeline:
         """The per-sample augmentation of ``cfg`` (empty when off); ``key`` separates streams (unpaired:
@@ -494,13 +563,20 @@ class PairedTask(Task):
         self.train_idx = cache.indices_for(case_ids=train_cases)
         self.val_idx = cache.indices_for(case_ids=val_cases)
         foreground = np.array([bool(cache.records[i].get("foreground")) for i in self.train_idx])
-        # 2D training reads depth-1 patches of the cached volumes, in the slice order of EpochBatchSampler
+        self.patches: PatchSampler | None = None
+        if self.patch_size:  # 3D: patches of the training cases, a pure function of (seed, step, rank)
+            positions = cache.positions(train_cases)
+            self.patches = self._patch_sampler(cfg, positions, rank, world_size)
+            self.steps_per_epoch = cfg.steps_per_epoch or layout.steps_per_epoch_3d(cache, positions, self.patch_size,
+                                                                                    cfg.batch_size)
+        # 2D (and 2.5D) training reads depth-1 patches of the cached volumes, in the slice order of EpochBatchSampler
         self.sampler = SlicePatchSampler(cache, EpochBatchSampler(
             self.train_idx, cfg.batch_size // world_size, shuffle=True, seed=cfg.seed, drop_last=True,
             rank=rank, world_size=world_size, foreground=foreground,
             foreground_fraction=cfg.foreground_fraction or 0.0,
         ))
-        self.steps_per_epoch = self.sampler.num_batches(0)
+        if self.patches is None:
+            self.steps_per_epoch = self.sampler.num_batches(0)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"fold {cfg.fold} has {len(self.train_idx)} training slices, fewer than one batch")
         # augmentation, then dropout: a dropped channel stays exactly 0, as prediction fills a missing modality
@@ -512,24 +588,42 @@ class PairedTask(Task):
 
     def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
         cache = self._cache()
-        for b, refs in enumerate(self.sampler.batches(epoch, start_batch=start), start=start):
-            x, y = squeeze_depth(*cache.get_patches(refs))
-            x = x[:, self.channel_index]
+        if self.patches is not None:
+            first = epoch * self.steps_per_epoch + start
+            refs_of = enumerate(self.patches.steps(first, self.steps_per_epoch - start), start=start)
+        else:
+            refs_of = enumerate(self.sampler.batches(epoch, start_batch=start), start=start)
+        for b, refs in refs_of:
+            if self.layered:
+                x, y = self._layered_batch(refs, self.channel_index)
+            else:
+                x, y = squeeze_depth(*cache.get_patches(refs))
+                x = x[:, self.channel_index]
             if self.transforms:
                 x, y = self.transforms.batch(x, y, step=epoch * self.steps_per_epoch + b,
                                              first_index=self.first_index)
+            x, y = self._finish(x, y)
             yield TrainBatch((precision.to_input(x), y.to(precision.device)), len(refs))
 
     def probe_example(self, batch_size: int) -> tuple[Any, ...]:
         cache = self._cache()
-        x, y = cache.get_batch(np.arange(min(len(cache), batch_size)))
+        count = min(len(cache), batch_size)
+        if self.patch_size:
+            return self._layered_batch(layout.probe_refs(cache, range(cache.num_cases), self.patch_size, count),
+                                       self.channel_index)
+        if self.context:
+            return self._finish(*self._layered_batch(cache.slice_refs(np.arange(count)), self.channel_index))
+        x, y = cache.get_batch(np.arange(count))
         return x[:, self.channel_index], y
 
     def groups(self, which: str = "val") -> dict[str, np.ndarray]:
         return {"all": np.sort(self.val_idx if which == "val" else self.train_idx)}
 
     def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
-        return self._cache().images[indices][:, self.channel_index], None
+        return self._slice_inputs(indices, self.channel_index), None
+
+    def _volume_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
+        return self.channel_index, None
 
 
 class UnpairedTask(Task):
@@ -549,6 +643,8 @@ class UnpairedTask(Task):
         recipe = dict(self.recipe)
         if cfg.setting == "ummkd":
             recipe["conv_l2"] = 1e-4  # UMMKD's L2 on conv kernels (facts file)
+        if cfg.dims == 3:
+            recipe["model"] = "unet"  # the dilated FCN's x8 pixel shuffle is a seam in 3D, not a model (docs/3d.md)
         return recipe
 
     def default_preprocess(self) -> str:
@@ -600,6 +696,13 @@ class UnpairedTask(Task):
             self.train_idx_by_mod, cfg.batch_size // world_size, seed=cfg.seed, rank=rank, world_size=world_size))
         largest = max(len(v) for v in self.train_idx_by_mod.values())
         self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
+        self.patches_by_mod: dict[str, PatchSampler] = {}
+        if self.patch_size:  # 3D: one patch stream per modality (its own cases, its own draws)
+            positions = {m: cache.positions(train_cases, modality=m) for m in self.modalities}
+            self.patches_by_mod = {m: self._patch_sampler(cfg, positions[m], rank, world_size, stream_key(m))
+                                   for m in self.modalities}
+            self.steps_per_epoch = cfg.steps_per_epoch or max(
+                layout.steps_per_epoch_3d(cache, pos, self.patch_size, cfg.batch_size) for pos in positions.values())
         # one stream per modality: sample j of modality m's global batch draws independently of modality n's
         self.transforms_by_mod = {m: self.random_transforms(cfg, key=f":{m}") for m in self.modalities}
         self.first_index = rank * (cfg.batch_size // world_size)
@@ -615,20 +718,34 @@ class UnpairedTask(Task):
     def batches(self, epoch: int, start: int, precision: Precision) -> Iterator[TrainBatch]:
         cache = self._cache()
         first = epoch * self.steps_per_epoch + start
-        for step, batch in enumerate(self.sampler.steps(first, self.steps_per_epoch - start), start=first):
+        for step in range(first, first + self.steps_per_epoch - start):
+            if self.patches_by_mod:
+                batch = {m: sampler.batch_at(step) for m, sampler in self.patches_by_mod.items()}
+            else:
+                batch = self.sampler.batch_at(step)
             xs, ys = [], []
             for m in self.modalities:
-                x, y = squeeze_depth(*cache.get_patches(batch[m]))
+                if self.layered:
+                    x, y = self._layered_batch(batch[m])
+                else:
+                    x, y = squeeze_depth(*cache.get_patches(batch[m]))
                 transforms = self.transforms_by_mod[m]
                 if transforms:
                     x, y = transforms.batch(x, y, step=step, first_index=self.first_index)
+                x, y = self._finish(x, y)
                 xs.append(precision.to_input(x))
                 ys.append(y.to(precision.device))
             yield TrainBatch((xs, ys), sum(len(v) for v in batch.values()))
 
     def probe_example(self, batch_size: int) -> tuple[Any, ...]:
         cache = self._cache()
-        x, y = cache.get_batch(np.arange(min(len(cache), batch_size)))
+        count = min(len(cache), batch_size)
+        if self.patch_size:
+            x, y = self._layered_batch(layout.probe_refs(cache, range(cache.num_cases), self.patch_size, count))
+        elif self.context:
+            x, y = self._finish(*self._layered_batch(cache.slice_refs(np.arange(count))))
+        else:
+            x, y = cache.get_batch(np.arange(count))
         return [x] * len(self.modalities), [y] * len(self.modalities)
 
     def groups(self, which: str = "val") -> dict[str, np.ndarray]:
@@ -636,7 +753,10 @@ class UnpairedTask(Task):
         return {m: np.sort(idx) for m, idx in by_mod.items()}
 
     def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
-        return self._cache().images[indices], self.modalities.index(group)
+        return self._slice_inputs(indices, None), self.modalities.index(group)
+
+    def _volume_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
+        return None, self.modalities.index(group)
 
 
 def _dropout_requested(cfg: TrainConfig) -> bool:

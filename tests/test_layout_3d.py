@@ -1,0 +1,218 @@
+"""3D and 2.5D training and inference (issue 15): the planned 3D network, patch batches, sliding windows that keep
+the input geometry, the 2.5D channel layout, unpaired 3D with the class-specific affinity, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modalseg.cli.main import main
+from modalseg.errors import ConfigError
+from modalseg.inference.inferers import ContextSliceInferer, SliceInferer, SlidingWindowInferer, with_context
+from modalseg.training.checkpoint import load_checkpoint
+from modalseg.training.config import TrainConfig
+from modalseg.training.engine import Trainer
+
+TINY = {"base_width": 4, "sa_reduction": 2}
+
+
+@pytest.fixture(scope="module")
+def breast3d(tmp_path_factory) -> Path:
+    from modalseg.data.synth import make_breast_dataset_3d
+
+    return make_breast_dataset_3d(tmp_path_factory.mktemp("b3") / "b3", num_patients=4, size=16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cardiac3d(tmp_path_factory) -> Path:
+    from modalseg.data.synth import make_cardiac_dataset_3d
+
+    return make_cardiac_dataset_3d(tmp_path_factory.mktemp("c3") / "c3", num_patients_per_modality=3, size=16,
+                                   seed=4)
+
+
+def cfg3d(data: Path, out: Path, **kw) -> TrainConfig:
+    values = dict(data=str(data), output=str(out), model="master_assistant", model_options=dict(TINY),
+                  preprocess_options={"target_size": [16, 16]}, epochs=2, folds=2, fold=0, seed=3, dims=3,
+                  precision="fp32", progress=False, tensorboard=False, lr=1e-3, augmentation="off")
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+class Pointwise(nn.Module):
+    """A network of 1x1x1 convolutions: its output at a voxel depends on that voxel only."""
+
+    size_multiple, min_size = 1, 1
+
+    def __init__(self, channels: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv3d(channels, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_sliding_windows_of_a_pointwise_network_equal_one_forward() -> None:
+    """Gaussian-weighted overlapping windows average identical values: the result must be the network's output on
+    the whole volume (any tiling error, off-by-one or axis swap shows); the volume is smaller than the window along
+    one axis (padded) and not a multiple of it along the others."""
+    from modalseg.inference.backends import TorchBackend
+    from modalseg.training.precision import Precision
+
+    net = Pointwise()
+    backend = TorchBackend(net, Precision(torch.device("cpu"), None, False))
+    slices = np.random.default_rng(0).normal(size=(11, 2, 19, 23)).astype(np.float32)  # (D, C, H, W)
+    probs = SlidingWindowInferer((16, 8, 8), overlap=0.5)(backend, slices)
+    with torch.no_grad():
+        direct = torch.softmax(net(torch.from_numpy(np.moveaxis(slices, 0, 1))[None]), 1)[0].numpy()
+    assert probs.shape == (11, 3, 19, 23)
+    np.testing.assert_allclose(probs, np.moveaxis(direct, 1, 0), atol=1e-5)
+
+
+def test_context_slices_layout_and_chunking() -> None:
+    images = np.arange(5 * 2 * 1 * 1, dtype=np.float32).reshape(5, 2, 1, 1) + 1  # slice d, modality m
+    ctx = with_context(images, 1)
+    assert ctx.shape == (5, 6, 1, 1)
+    # slice 0: modality 0 sees (pad, s0, s1), modality 1 the same of its own channel
+    assert ctx[0, :, 0, 0].tolist() == [0, images[0, 0, 0, 0], images[1, 0, 0, 0], 0, images[0, 1, 0, 0],
+                                        images[1, 1, 0, 0]]
+    assert ctx[4, 2, 0, 0] == 0 and ctx[2, 0:3, 0, 0].tolist() == images[1:4, 0, 0, 0].tolist()
+
+    class Echo:  # a backend returning its input channels as "probabilities"
+        size_multiple = min_size = 1
+
+        def session(self):  # noqa: ANN202
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def __call__(self, x, modality, window):  # noqa: ANN001, ANN204
+            return x.copy()
+
+    vol = np.random.default_rng(1).normal(size=(9, 2, 4, 4)).astype(np.float32)
+    whole = ContextSliceInferer(2, SliceInferer(3), chunk=64)(Echo(), vol)
+    chunked = ContextSliceInferer(2, SliceInferer(3), chunk=2)(Echo(), vol)
+    np.testing.assert_array_equal(whole, with_context(vol, 2))
+    np.testing.assert_array_equal(chunked, whole)
+
+
+def test_3d_training_plans_trains_validates_and_resumes_exactly(breast3d: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    full = Trainer(cfg3d(breast3d, tmp_path / "full", epochs=2, steps_per_epoch=2))
+    assert "3D plan: patch" in capsys.readouterr().out
+    full.fit()
+    meta = full.meta
+    assert meta.spatial_dims == 3 and meta.patch_size and len(meta.patch_size) == 3
+    assert meta.model_options["kernel_sizes"] and meta.model_options["strides"]
+    assert any(isinstance(m, nn.Conv3d) for m in full.network.modules())
+    assert full.global_step == 4
+    # a batch is (B, C, D, H, W) patches of the planned size
+    batch = next(full.task.batches(0, 0, full.precision))
+    assert tuple(batch.args[0].shape) == (2, 2, *meta.patch_size)
+    # validation predicted whole volumes: one prediction per cached validation slice
+    split = full.predict_split()["all"]
+    assert split.pred.shape == split.target.shape and len(split.pred) == len(full.task.val_idx)
+
+    part = Trainer(cfg3d(breast3d, tmp_path / "part", epochs=2, steps_per_epoch=2, max_steps=3,
+                         checkpoint_every=1))
+    part.fit()
+    assert load_checkpoint(tmp_path / "part" / "fold_0" / "latest.pt")["global_step"] == 3
+    resumed = Trainer(cfg3d(breast3d, tmp_path / "part", epochs=2, steps_per_epoch=2), resume=True)
+    resumed.fit()
+    a, b = full.network.state_dict(), resumed.network.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _write(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def test_3d_predict_keeps_geometry_and_is_independent_of_voxel_order(breast3d: Path, tmp_path: Path) -> None:
+    """The same physical image stored in two voxel orders (RAS and a flipped, axis-swapped order) gives the same
+    labels at the same physical places, on the input's own grid and affine."""
+    Trainer(cfg3d(breast3d, tmp_path / "run", epochs=1, steps_per_epoch=2)).fit()
+    images = sorted((breast3d / "imagesTr").glob("*_000_*.nii.gz"))
+    ras = [nib.load(str(p)) for p in images]
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = ras[0].shape[0] - 1
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    reorder = flip @ swap  # new voxel (i, j, k) = old (X-1-j, i, k)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    for k, img in enumerate(ras):
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        _write(a / f"case_{k:04d}.nii.gz", data, img.affine)
+        moved = np.transpose(data[::-1], (1, 0, 2))  # moved[i, j, k] = data[X-1-j, i, k]
+        _write(b / f"case_{k:04d}.nii.gz", np.ascontiguousarray(moved), img.affine @ np.linalg.inv(reorder))
+    for folder in (a, b):
+        assert main(["predict", "--model", str(tmp_path / "run" / "fold_0" / "latest.pt"), "--input", str(folder),
+                     "--output", str(folder / "pred"), "--precision", "fp32"]) == 0
+    pa = nib.load(str(a / "pred" / "case.nii.gz"))
+    pb = nib.load(str(b / "pred" / "case.nii.gz"))
+    assert pa.shape == ras[0].shape and np.allclose(pa.affine, ras[0].affine, atol=1e-5)
+    assert pb.shape == (ras[0].shape[1], ras[0].shape[0], ras[0].shape[2])
+    np.testing.assert_allclose(pb.affine, ras[0].affine @ np.linalg.inv(reorder), atol=1e-5)
+    la, lb = np.asarray(pa.dataobj), np.asarray(pb.dataobj)
+    np.testing.assert_array_equal(np.transpose(la[::-1], (1, 0, 2)), lb)
+
+
+def test_25d_batches_fold_neighbours_modality_major(breast3d: Path, tmp_path: Path) -> None:
+    cfg = cfg3d(breast3d, tmp_path / "r", dims=2, context_slices=1, max_steps=1,
+                model_options={"base_width": 4, "sa_reduction": 2, "depth": 2})
+    tr = Trainer(cfg)
+    assert tr.meta.in_channels == 3 and tr.meta.context_slices == 1 and tr.meta.patch_size is None
+    task, cache = tr.task, tr.cache
+    refs = next(task.sampler.batches(0))
+    x, y = next(task.batches(0, 0, tr.precision)).args
+    assert tuple(x.shape) == (len(refs), 2 * 3, 16, 16)
+    for b, r in enumerate(refs):
+        image, label = cache.volume(r.case)
+        d = r.start[0]
+        for m in range(2):
+            for j, dd in enumerate((d - 1, d, d + 1)):
+                want = image[m, dd] if 0 <= dd < image.shape[1] else np.zeros_like(image[m, 0])
+                np.testing.assert_array_equal(x[b, m * 3 + j].numpy(), want)
+        np.testing.assert_array_equal(y[b].numpy(), label[d])
+    tr.fit()
+    assert tr.predict_split()["all"].pred.shape[1:] == (16, 16)
+
+
+def test_unpaired_3d_csa_trains_and_the_3d_affinity_reduces_to_2d(cardiac3d: Path, tmp_path: Path) -> None:
+    from modalseg.losses.affinity import class_affinity
+
+    tr = Trainer(cfg3d(cardiac3d, tmp_path / "u", model="auto", setting="csa", max_steps=2, batch_size=2,
+                       model_options={"base_width": 4}))
+    assert tr.meta.kind == "unpaired" and tr.meta.model == "unet" and tr.meta.spatial_dims == 3
+    result = tr.fit()
+    assert tr.global_step == 2 and result is not None
+    fl, fk = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 8, 8)), 3).movedim(-1, 1).float()
+    two = class_affinity(fl, fk, onehot)
+    three = class_affinity(fl[:, :, None], fk[:, :, None], onehot[:, :, None])
+    torch.testing.assert_close(three, two)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"preprocess": "paper1"}, "caches only the labelled slices"),
+    ({"context_slices": 1}, "2.5D) is for 2D networks"),
+    ({"patch_size": [8, 15, 16]}, "must be a multiple"),
+    ({"model_options": {"base_width": 4, "strides": [[2, 2, 2]]}}, "the 3D planner decides"),
+])
+def test_3d_options_are_refused_in_one_line(breast3d: Path, tmp_path: Path, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Trainer(cfg3d(breast3d, tmp_path / "x", **options))
+
+
+def test_export_refuses_a_3d_checkpoint(breast3d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Trainer(cfg3d(breast3d, tmp_path / "run", epochs=1, steps_per_epoch=1)).fit()
+    code = main(["export", "--model", str(tmp_path / "run" / "fold_0" / "latest.pt"), "--output",
+                 str(tmp_path / "exp")])
+    err = capsys.readouterr().err
+    assert code != 0 and "3D network" in err and len(err.strip().splitlines()) == 1
