@@ -32,7 +32,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -150,8 +150,19 @@ def _checked(name: str, value: Any) -> Any:
     return float(value)
 
 
+class _ConfiguredAugment(RandomTransform):
+    """A random transform set by an :class:`AugmentConfig`; ``key`` defaults to the class's own ``default_key``, so
+    the spatial and the intensity steps draw from independent streams."""
+
+    default_key: ClassVar[str]
+
+    def __init__(self, config: AugmentConfig, seed: int = 0, key: str | None = None) -> None:
+        super().__init__(seed, key or self.default_key)
+        self.config = config
+
+
 # ------------------------------------------------------------------------------------------------ spatial
-class SpatialAugment(RandomTransform):
+class SpatialAugment(_ConfiguredAugment):
     """Flips, quarter turns and one rotation/scaling resampling, applied alike to every channel and the label.
 
     Works on ``(C, *spatial)`` with 2 or 3 spatial axes; turns, rotation and scaling act on the in-plane (last
@@ -160,9 +171,7 @@ class SpatialAugment(RandomTransform):
     and factor.
     """
 
-    def __init__(self, config: AugmentConfig, seed: int = 0, key: str | None = None) -> None:
-        super().__init__(seed, key or "augment.spatial")
-        self.config = config
+    default_key = "augment.spatial"
 
     def draw(self, sample: Sample, rng: np.random.Generator) -> Sample:
         cfg = self.config
@@ -217,7 +226,7 @@ def _resample(image: np.ndarray, label: np.ndarray | None, angle: float, factor:
 
 
 # ------------------------------------------------------------------------------------------------ intensity
-class IntensityAugment(RandomTransform):
+class IntensityAugment(_ConfiguredAugment):
     """Per channel, each with probability: bias field, brightness, contrast, gamma, noise. Labels untouched.
 
     Draws per sample, always in this order: a ``(C, 5)`` block of uniforms (which steps apply to which channel),
@@ -226,9 +235,7 @@ class IntensityAugment(RandomTransform):
     ``preserve_range``); a constant channel (e.g. a dropped one) is left as it is by both.
     """
 
-    def __init__(self, config: AugmentConfig, seed: int = 0, key: str | None = None) -> None:
-        super().__init__(seed, key or "augment.intensity")
-        self.config = config
+    default_key = "augment.intensity"
 
     def draw(self, sample: Sample, rng: np.random.Generator) -> Sample:
         cfg = self.config

@@ -353,19 +353,9 @@ def onto_grid(vol: Volume, ref: Volume, **options: Any) -> tuple[Volume, str | N
 
 
 def onto_grid_how(
-    vol: Volume,
-    ref: Volume,
-    *,
-    name: str,
-    ref_name: str,
-    kind: str = "image",
-    strict: bool = False,
-    case: str | None = None,
-    fill: float | None = None,
-    origin_tol_voxels: float | None = None,
-    grid_name: str | None = None,
-    spacing_tol: float = 1e-3,
-    direction_tol: float = 1e-3,
+    vol: Volume, ref: Volume, *, name: str, ref_name: str, kind: str = "image", strict: bool = False,
+    case: str | None = None, fill: float | None = None, origin_tol_voxels: float | None = None,
+    grid_name: str | None = None, spacing_tol: float = 1e-3, direction_tol: float = 1e-3,
 ) -> tuple[Volume, str | None, str]:
     """:func:`onto_grid` plus how it mapped (``"same"``, ``"reoriented"`` or ``"resampled"``), which the
     ``OntoGrid`` transform records to map a result on ``ref``'s grid back onto ``vol``'s."""

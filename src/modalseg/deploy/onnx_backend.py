@@ -7,18 +7,16 @@ Imports no torch.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from modalseg.deploy._graph_backend import GraphBackend, Window
 from modalseg.errors import ConfigError
 
 __all__ = ["OnnxRuntimeBackend", "require_onnxruntime", "session_options"]
-
-Window = tuple[int, int, int, int]
 
 
 def require_onnxruntime() -> Any:
@@ -43,7 +41,7 @@ def session_options(threads: int | None = None) -> Any:
     return options
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(GraphBackend):
     """Exported graphs (one, or one per unpaired modality index) run by ONNX Runtime on the CPU."""
 
     def __init__(
@@ -59,15 +57,7 @@ class OnnxRuntimeBackend:
             self.sessions[key] = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.label = "onnxruntime"
 
-    def session(self) -> contextlib.AbstractContextManager[None]:
-        """Nothing to open per volume: the sessions are made once."""
-        return contextlib.nullcontext()
-
     def __call__(self, x: np.ndarray, modality: int | None, window: Window) -> np.ndarray:
-        sess = self.sessions.get(modality)
-        if sess is None:
-            raise ConfigError(f"this exported model has no graph for modality index {modality!r}")
+        sess = self.graph_for(self.sessions, modality)
         name = sess.get_inputs()[0].name
-        probs = sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-        top, height, left, width = window
-        return np.ascontiguousarray(probs[:, :, top: top + height, left: left + width], dtype=np.float32)
+        return self.crop(sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0], window)

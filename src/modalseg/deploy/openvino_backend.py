@@ -8,18 +8,16 @@ the fp32 network's. Imports no torch.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from modalseg.deploy._graph_backend import GraphBackend, Window
 from modalseg.errors import ConfigError
 
 __all__ = ["OPENVINO_PRECISIONS", "OpenVinoBackend", "require_openvino"]
-
-Window = tuple[int, int, int, int]
 
 #: ``precision`` -> OpenVINO's INFERENCE_PRECISION_HINT
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
@@ -34,7 +32,7 @@ def require_openvino() -> Any:
     return openvino
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(GraphBackend):
     """Exported graphs (one, or one per unpaired modality index) compiled by OpenVINO for the CPU."""
 
     def __init__(
@@ -54,15 +52,7 @@ class OpenVinoBackend:
         self.requests = {key: c.create_infer_request() for key, c in self.compiled.items()}
         self.label = f"openvino {precision}"
 
-    def session(self) -> contextlib.AbstractContextManager[None]:
-        """Nothing to open per volume: the graphs are compiled once."""
-        return contextlib.nullcontext()
-
     def __call__(self, x: np.ndarray, modality: int | None, window: Window) -> np.ndarray:
-        request = self.requests.get(modality)
-        if request is None:
-            raise ConfigError(f"this exported model has no graph for modality index {modality!r}")
+        request = self.graph_for(self.requests, modality)
         request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
-        probs = request.get_output_tensor(0).data
-        top, height, left, width = window
-        return np.array(probs[:, :, top: top + height, left: left + width], dtype=np.float32)
+        return self.crop(request.get_output_tensor(0).data, window)

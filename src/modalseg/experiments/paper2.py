@@ -201,6 +201,24 @@ _count_arg = _int_at_least(0)
 _positive = _int_at_least(1)
 
 
+#: The string options whose default is their first choice (paper 2 as printed, or the usual report; the others are
+#: mostly UMMKD's code's readings): flag, choices, help.
+_CHOICE_OPTIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("--csa-reading", ("literal", "mean_squared"),
+     "Eq. 4 reading for CSA and Affinity: literal (as printed, default: squared difference of the per-class mean "
+     "entries) or mean_squared (mean squared entry difference)"),
+    ("--dice-form", ("per_image", "ummkd_batch"),
+     "Dice loss of every setting: per_image (default: per image, foreground) or ummkd_batch (UMMKD's: over the "
+     "whole batch, background included)"),
+    ("--kd-absent-classes", ("skip", "ummkd"),
+     "UMMKD's KD term for classes absent from a batch: skip (default) or ummkd (UMMKD's code: uniform soft "
+     "prediction, mean over all classes)"),
+    ("--hd-units", ("mm", "voxels"), "units of the HD/HD95 tables: mm (default, voxel spacing) or voxels (spacing 1)"),
+    ("--aggregate", ("mean", "median"),
+     "per-patient aggregate of every table: mean (default) or median (over patients)"),
+)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``modalseg experiment paper2`` (see the module docstring)."""
     p.add_argument("--data", required=True, help="unpaired dataset: MS-CMRSeg, MM-WHS or nnU-Net raw with paired=false")
@@ -225,24 +243,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-layers", type=_layers_arg, default=None,
                    help="two or more layer names for the (CSA) affinity, e.g. group5,group6 (default for "
                         "dilated_fcn); every consecutive pair is used and the pair losses averaged")
-    p.add_argument("--csa-reading", choices=["literal", "mean_squared"], default="literal",
-                   help="Eq. 4 reading for CSA and Affinity: literal (as printed, default: squared difference of "
-                        "the per-class mean entries) or mean_squared (mean squared entry difference)")
     p.add_argument("--csa-region-norm", type=_bool_arg, default=True, metavar="{true,false}",
                    help="Eq. 3's division of every affinity entry by the region size S_c (default true)")
-    p.add_argument("--dice-form", choices=["per_image", "ummkd_batch"], default="per_image",
-                   help="Dice loss of every setting: per_image (default: per image, foreground) or ummkd_batch "
-                        "(UMMKD's: over the whole batch, background included)")
-    p.add_argument("--kd-absent-classes", choices=["skip", "ummkd"], default="skip",
-                   help="UMMKD's KD term for classes absent from a batch: skip (default) or ummkd (UMMKD's code: "
-                        "uniform soft prediction, mean over all classes)")
+    for flag, choices, text in _CHOICE_OPTIONS:
+        p.add_argument(flag, choices=list(choices), default=choices[0], help=text)
     p.add_argument("--grad-ratio-every", type=_count_arg, default=None,
                    help="log ||grad(lambda L_aux)|| / ||grad(Dice+CE)|| every N iterations (aux_grad_ratio in "
                         "log.csv; 0 = never; default: the training default). Does not change the results")
-    p.add_argument("--hd-units", choices=["mm", "voxels"], default="mm",
-                   help="units of the HD/HD95 tables: mm (default, voxel spacing) or voxels (spacing 1)")
-    p.add_argument("--aggregate", choices=["mean", "median"], default="mean",
-                   help="per-patient aggregate of every table: mean (default) or median (over patients)")
     p.add_argument("--folds", type=_positive, default=5, help="cross-validation folds (default 5: 80/20)")
     p.add_argument("--only-folds", type=_folds_arg, default=[0],
                    help="folds to run: comma list or 'all' (default 0: the paper's single 80/20 split)")

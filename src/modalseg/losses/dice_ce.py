@@ -22,6 +22,8 @@ rounding.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.losses import DiceCELoss as _MonaiDiceCELoss
 from torch import nn
@@ -29,6 +31,11 @@ from torch import nn
 from modalseg.losses.ignore import masked_cross_entropy, one_hot_valid, valid_mask
 
 __all__ = ["DiceCELoss", "dice_ce_loss"]
+
+#: The options of MONAI's DiceCELoss that Eq. (1) fixes (its defaults differ); ``eps`` and ``alpha`` set the rest.
+_EQ1_MONAI_OPTIONS: dict[str, Any] = {
+    "include_background": False, "to_onehot_y": True, "softmax": True, "batch": False, "lambda_dice": 1.0
+}
 
 
 class DiceCELoss(nn.Module):
@@ -45,16 +52,7 @@ class DiceCELoss(nn.Module):
         self.eps = eps
         self.alpha = alpha
         self.ignore_index = ignore_index
-        self._loss = _MonaiDiceCELoss(
-            include_background=False,
-            to_onehot_y=True,
-            softmax=True,
-            smooth_nr=eps,
-            smooth_dr=eps,
-            batch=False,
-            lambda_dice=1.0,
-            lambda_ce=alpha,
-        )
+        self._loss = _MonaiDiceCELoss(**_EQ1_MONAI_OPTIONS, smooth_nr=eps, smooth_dr=eps, lambda_ce=alpha)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.dim() < 3 or logits.shape[1] < 2:

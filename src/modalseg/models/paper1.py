@@ -132,6 +132,16 @@ def _check_modalities(model: str, num_modalities: Any, single: bool) -> int:
     return n
 
 
+def _sizes(card: ModelCard, num_modalities: Any, in_channels: Any, num_classes: Any) -> dict[str, int]:
+    """A build's checked input and output sizes, as the keyword arguments that FusionConfig and FuseNet share."""
+    name = card.name
+    return {
+        "num_modalities": _check_modalities(name, num_modalities, card.inputs == "single"),
+        "in_channels": _int_option("in_channels", name, in_channels),
+        "num_classes": _int_option("num_classes", name, num_classes),
+    }
+
+
 def _reference(name: str, single: bool, count: int, printed: float, note: str = "") -> tuple[ParamCount, ...]:
     """Paper 1's counting configuration: 3 input channels per modality, 2 classes, BN, two modalities."""
     options = (("num_modalities", 1 if single else 2), ("in_channels", 3), ("num_classes", 2))
@@ -163,13 +173,11 @@ def _fusion_builder(card: ModelCard, **layout: Any) -> Callable[..., FusionUNet]
     def build(
         num_modalities: int = 1 if single else 2, in_channels: int = 1, num_classes: int = 2, **options: Any
     ) -> FusionUNet:
-        n = _check_modalities(name, num_modalities, single)
+        sizes = _sizes(card, num_modalities, in_channels, num_classes)
         opts = _options(name, options, card.default_width)
         widths = tuple(opts["base_width"] * 2**k for k in range(opts["depth"] + 1))
         config = FusionConfig(
-            num_modalities=n,
-            in_channels=_int_option("in_channels", name, in_channels),
-            num_classes=_int_option("num_classes", name, num_classes),
+            **sizes,
             widths=widths,
             assistant_from_sa=opts["assistant_from_sa"],
             sa_reduction=opts["sa_reduction"],
@@ -234,7 +242,7 @@ def _fusenet_builder(card: ModelCard, fusion: str) -> Callable[..., FuseNet]:
     name = card.name
 
     def build(num_modalities: int = 2, in_channels: int = 1, num_classes: int = 2, **options: Any) -> FuseNet:
-        n = _check_modalities(name, num_modalities, False)
+        sizes = _sizes(card, num_modalities, in_channels, num_classes)
         opts = _options(name, options, card.default_width)
         if "depth" in options and opts["depth"] != 5:
             raise ConfigError(f"model {name}: the VGG16 encoder has 5 stages; depth must be 5, got {opts['depth']}")
@@ -244,9 +252,7 @@ def _fusenet_builder(card: ModelCard, fusion: str) -> Callable[..., FuseNet]:
                 "use a U-Net-family model (e.g. fuse_unet, master_assistant) for anisotropic layouts"
             )
         return FuseNet(
-            num_modalities=n,
-            in_channels=_int_option("in_channels", name, in_channels),
-            num_classes=_int_option("num_classes", name, num_classes),
+            **sizes,
             fusion=fusion,
             base_width=opts["base_width"],
             norm=opts["norm"],

@@ -19,7 +19,7 @@ holds no mass.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,16 +334,11 @@ def synth_breast_case(
     mass_t1_gain = mass_t1_gain * (1.0 + 0.08 * smooth_noise(rng, shape, (1.2, 1.2, 0.5)))
 
     # ---- cysts: dark on T1C, very bright on T2W ----
-    cysts = np.zeros(shape)
-    for _ in range(int(rng.poisson(0.8 * d))):
-        cand = np.argwhere(breast_region & (depth > 3) & ~label)
-        if len(cand) == 0:
-            break
-        ci, cj, ck = cand[rng.integers(len(cand))]
+    def cyst(ci: int, cj: int, ck: int) -> tuple[np.ndarray, float]:
         r = rng.uniform(0.015, 0.04) * n + 1.0
-        dist = np.sqrt(((i_idx - ci) ** 2 + (j_idx - cj) ** 2) / r**2 + ((k_idx - ck) / 1.2) ** 2)
-        cysts = np.maximum(cysts, _sigmoid((1.0 - dist) * r / 0.5))
-    cysts *= breast_region & ~label
+        return np.sqrt(((i_idx - ci) ** 2 + (j_idx - cj) ** 2) / r**2 + ((k_idx - ck) / 1.2) ** 2), r
+
+    cysts = draw_cysts(rng, breast_region, depth, label, d, cyst)
 
     # ---- vessels: thin tubes from the chest wall towards the nipple, plus internal mammary vessels ----
     skel = np.zeros(shape, dtype=bool)
@@ -358,22 +353,8 @@ def synth_breast_case(
         s = np.linspace(0.0, length, 4 * n)
         pu = p0[0] + s * math.cos(ang) - amp * np.sin(2 * math.pi * freq * s / length + ph) * math.sin(ang)
         pv = p0[1] + s * math.sin(ang) + amp * np.sin(2 * math.pi * freq * s / length + ph) * math.cos(ang)
-        pk = np.rint(p0[2] + dzds * s).astype(int)
-        pi_ = np.rint(pu * n / 2 + (n - 1) / 2).astype(int)
-        pj = np.rint(pv * n / 2 + (n - 1) / 2).astype(int)
-        ok = (pi_ >= 0) & (pi_ < n) & (pj >= 0) & (pj < n) & (pk >= 0) & (pk < S)
-        skel[pi_[ok], pj[ok], pk[ok]] = True
-    for side in (-1.0, 1.0):  # internal mammary vessels beside the sternum, through all slices
-        ci = int(round((side * rng.uniform(0.12, 0.2)) * n / 2 + (n - 1) / 2))
-        cj = int(round((vc - 0.07) * n / 2 + (n - 1) / 2))
-        if 0 <= cj < n:
-            skel[ci, cj, :] = True
-    vessel_r = max(0.7, rng.uniform(0.006, 0.011) * n)
-    vdist = (
-        ndimage.distance_transform_edt(~skel, sampling=(1.0, 1.0, 4.0)) if skel.any() else np.full(shape, 1e9)
-    )
-    vessels = _sigmoid((vessel_r - vdist) / 0.35) * (breasts | thorax)
-    vessels *= 1.0 - (label | (cysts > 0.5))  # a vessel does not run through a mass or a cyst
+        mark_path(skel, pu, pv, np.rint(p0[2] + dzds * s).astype(int))
+    vessels = vessel_tissue(rng, skel, vc, (1.0, 1.0, 4.0), breasts | thorax, label, cysts)
 
     tissues = {
         "breasts": breasts, "thorax": thorax, "inner": inner, "lungs": lungs, "heart": heart, "gland": gland,
@@ -381,6 +362,54 @@ def synth_breast_case(
     }
     return finish_breast_case(f"breast_{index:03d}", rng, tissues, d, label, spacing, masses, n_vessels, n_bpe,
                               tex_sigma=(0.8, 0.8, 0.5), psf_sigma=(0.5, 0.5, 0.0))
+
+
+def draw_cysts(
+    rng: np.random.Generator, breast_region: np.ndarray, depth: np.ndarray, label: np.ndarray, d: float,
+    cyst: Callable[[int, int, int], tuple[np.ndarray, float]],
+) -> np.ndarray:
+    """Cysts (dark on T1C, very bright on T2W): Poisson(0.8 d) soft spheres centred on breast voxels deeper than 3
+    pixels outside the masses; ``cyst(i, j, k)`` draws one's radius and gives its normalised distance map and
+    its radius in pixels (the sphere's shape is the generator's: per slice in 2D, in mm in 3D)."""
+    cysts = np.zeros(breast_region.shape)
+    for _ in range(int(rng.poisson(0.8 * d))):
+        cand = np.argwhere(breast_region & (depth > 3) & ~label)
+        if len(cand) == 0:
+            break
+        dist, r_px = cyst(*cand[rng.integers(len(cand))])
+        cysts = np.maximum(cysts, _sigmoid((1.0 - dist) * r_px / 0.5))
+    cysts *= breast_region & ~label
+    return cysts
+
+
+def mark_path(skel: np.ndarray, pu: np.ndarray, pv: np.ndarray, pk: np.ndarray) -> None:
+    """Set the voxels of a vessel's centre line in ``skel`` (``pu``, ``pv`` in half-FOV units, ``pk`` slice
+    indices); points outside the volume are dropped."""
+    n, _, slices = skel.shape
+    pi_ = np.rint(pu * n / 2 + (n - 1) / 2).astype(int)
+    pj = np.rint(pv * n / 2 + (n - 1) / 2).astype(int)
+    ok = (pi_ >= 0) & (pi_ < n) & (pj >= 0) & (pj < n) & (pk >= 0) & (pk < slices)
+    skel[pi_[ok], pj[ok], pk[ok]] = True
+
+
+def vessel_tissue(
+    rng: np.random.Generator, skel: np.ndarray, vc: float, sampling: tuple[float, float, float], body: np.ndarray,
+    label: np.ndarray, cysts: np.ndarray,
+) -> np.ndarray:
+    """Soft vessel map: the centre lines ``skel`` plus the internal mammary vessels beside the sternum (through
+    all slices; ``vc`` is the chest wall), widened to a random radius (distances in pixels by ``sampling``)
+    inside ``body``. A vessel does not run through a mass or a cyst."""
+    n = skel.shape[0]
+    for side in (-1.0, 1.0):
+        ci = int(round((side * rng.uniform(0.12, 0.2)) * n / 2 + (n - 1) / 2))
+        cj = int(round((vc - 0.07) * n / 2 + (n - 1) / 2))
+        if 0 <= cj < n:
+            skel[ci, cj, :] = True
+    vessel_r = max(0.7, rng.uniform(0.006, 0.011) * n)
+    vdist = ndimage.distance_transform_edt(~skel, sampling=sampling) if skel.any() else np.full(skel.shape, 1e9)
+    vessels = _sigmoid((vessel_r - vdist) / 0.35) * body
+    vessels *= 1.0 - (label | (cysts > 0.5))
+    return vessels
 
 
 def glandular_tissue(

@@ -34,8 +34,11 @@ from modalseg.data.synth.breast import (
     SynthCase,
     _sigmoid,
     check_params,
+    draw_cysts,
     finish_breast_case,
     glandular_tissue,
+    mark_path,
+    vessel_tissue,
     write_breast_dataset,
 )
 from modalseg.data.synth.writer import case_rng, smooth_noise
@@ -289,16 +292,11 @@ def synth_breast_case_3d(
     mass_t1_gain = mass_t1_gain * (1.0 + 0.08 * smooth_noise(rng, shape, (1.2, 1.2, 1.2 * zs)))
 
     # ---- cysts: spheres, dark on T1C, very bright on T2W ----
-    cysts = np.zeros(shape)
-    for _ in range(int(rng.poisson(0.8 * d))):
-        cand = np.argwhere(breast_region & (depth > 3) & ~label)
-        if len(cand) == 0:
-            break
-        ci, cj, ck = cand[rng.integers(len(cand))]
+    def cyst(ci: int, cj: int, ck: int) -> tuple[np.ndarray, float]:
         r = rng.uniform(0.03, 0.08) + px
-        dist = _ellipsoid(u, v, w, (u[ci, 0, 0], v[0, cj, 0], w[0, 0, ck]), (r, r, r))
-        cysts = np.maximum(cysts, _sigmoid((1.0 - dist) * (r / px) / 0.5))
-    cysts *= breast_region & ~label
+        return _ellipsoid(u, v, w, (u[ci, 0, 0], v[0, cj, 0], w[0, 0, ck]), (r, r, r)), r / px
+
+    cysts = draw_cysts(rng, breast_region, depth, label, d, cyst)
 
     # ---- vessels: 3D tubes from the chest wall towards the nipple, internal mammary vessels along z ----
     skel = np.zeros(shape, dtype=bool)
@@ -314,20 +312,8 @@ def synth_breast_case_3d(
         pu = p0[0] + s * math.cos(ang) * math.cos(elev) - wiggle * math.sin(ang)
         pv = p0[1] + s * math.sin(ang) * math.cos(elev) + wiggle * math.cos(ang)
         pw = p0[2] + s * math.sin(elev)
-        pi_ = np.rint(pu * n / 2 + (n - 1) / 2).astype(int)
-        pj = np.rint(pv * n / 2 + (n - 1) / 2).astype(int)
-        pk = np.rint(pw / step + (S - 1) / 2).astype(int)
-        ok = (pi_ >= 0) & (pi_ < n) & (pj >= 0) & (pj < n) & (pk >= 0) & (pk < S)
-        skel[pi_[ok], pj[ok], pk[ok]] = True
-    for side in (-1.0, 1.0):
-        ci = int(round((side * rng.uniform(0.12, 0.2)) * n / 2 + (n - 1) / 2))
-        cj = int(round((vc - 0.07) * n / 2 + (n - 1) / 2))
-        if 0 <= cj < n:
-            skel[ci, cj, :] = True
-    vessel_r = max(0.7, rng.uniform(0.006, 0.011) * n)
-    vdist = ndimage.distance_transform_edt(~skel, sampling=sampling) if skel.any() else np.full(shape, 1e9)
-    vessels = _sigmoid((vessel_r - vdist) / 0.35) * (breasts | thorax)
-    vessels *= 1.0 - (label | (cysts > 0.5))
+        mark_path(skel, pu, pv, np.rint(pw / step + (S - 1) / 2).astype(int))
+    vessels = vessel_tissue(rng, skel, vc, sampling, breasts | thorax, label, cysts)
 
     tissues = {
         "breasts": breasts, "thorax": thorax, "inner": inner, "lungs": lungs, "heart": heart, "gland": gland,

@@ -25,7 +25,7 @@ earlier versions byte for byte (pinned by a hash in tests/test_protocols.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,47 +33,29 @@ import numpy as np
 from scipy import ndimage
 
 from modalseg.data.synth.breast import GENERATOR_VERSION, SynthCase, check_params
-from modalseg.data.synth.writer import (
-    bias_field,
-    case_rng,
-    centred_affine,
-    raw_dataset_writer,
-    rician,
-    smooth_noise,
-)
+from modalseg.data.synth.writer import bias_field, case_rng, centred_affine, raw_dataset_writer, rician, smooth_noise
 from modalseg.errors import ConfigError
 
 LABEL_VALUES = {"background": 0, "LV": 500, "Myo": 200, "RV": 600}
 # One independent random stream per modality: different subjects, never paired.
 MODALITY_STREAMS = {"CT": 2, "MR": 3}
-#: Per-subject tissue intensity ranges (uniform draw per subject, in this order). CT in HU; air is -1000.
-CT_TISSUE_RANGES: dict[str, tuple[float, float]] = {
-    "body": (30, 60),
-    "skin_fat": (-120, -80),
-    "lungs": (-880, -800),
-    "epi_fat": (-110, -70),
-    "Myo": (90, 130),
-    "RV_wall": (90, 130),
-    "LV": (280, 380),
-    "RV": (220, 340),
-    "papillary": (90, 130),
-    "aorta": (280, 380),
-    "spine": (300, 400),
+#: Per-subject tissue intensity ranges (a uniform draw per subject, in this order), per tissue: CT in HU (air is
+#: -1000), then MR (bSSFP-like: myocardium dark, fat bright) in arbitrary units before the x1000 scaling (air is 0).
+TISSUE_RANGES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "body": ((30, 60), (0.25, 0.35)),
+    "skin_fat": ((-120, -80), (0.75, 0.95)),
+    "lungs": ((-880, -800), (0.03, 0.07)),
+    "epi_fat": ((-110, -70), (0.7, 0.9)),
+    "Myo": ((90, 130), (0.15, 0.25)),
+    "RV_wall": ((90, 130), (0.15, 0.25)),
+    "LV": ((280, 380), (0.85, 1.0)),
+    "RV": ((220, 340), (0.75, 0.95)),
+    "papillary": ((90, 130), (0.2, 0.3)),
+    "aorta": ((280, 380), (0.7, 0.95)),
+    "spine": ((300, 400), (0.3, 0.45)),
 }
-#: MR (bSSFP-like) ranges in arbitrary units before the x1000 scaling; air is 0. Myocardium dark, fat bright.
-MR_TISSUE_RANGES: dict[str, tuple[float, float]] = {
-    "body": (0.25, 0.35),
-    "skin_fat": (0.75, 0.95),
-    "lungs": (0.03, 0.07),
-    "epi_fat": (0.7, 0.9),
-    "Myo": (0.15, 0.25),
-    "RV_wall": (0.15, 0.25),
-    "LV": (0.85, 1.0),
-    "RV": (0.75, 0.95),
-    "papillary": (0.2, 0.3),
-    "aorta": (0.7, 0.95),
-    "spine": (0.3, 0.45),
-}
+CT_TISSUE_RANGES = {tissue: ct for tissue, (ct, _) in TISSUE_RANGES.items()}
+MR_TISSUE_RANGES = {tissue: mr for tissue, (_, mr) in TISSUE_RANGES.items()}
 #: HU window mapped linearly onto MR's [0, 1] units when ``modality_gap`` < 1 (air -> 0, bone/contrast -> ~1).
 CT_WINDOW = (-1000.0, 400.0)
 
@@ -107,22 +89,7 @@ def _heart_geometry(rng: np.random.Generator, n: int, slices: int) -> dict[str, 
     lung_shift = rng.uniform(-0.05, 0.05) * n
     pap = [(rng.uniform(0, 2 * math.pi), rng.uniform(0.5, 0.75)) for _ in range(2)]
 
-    m = {
-        k: np.zeros(shape, dtype=bool)
-        for k in (
-            "body",
-            "skin_fat",
-            "lungs",
-            "LV",
-            "Myo",
-            "RV",
-            "RV_wall",
-            "epi_fat",
-            "aorta",
-            "spine",
-            "papillary",
-        )
-    }
+    m = {tissue: np.zeros(shape, dtype=bool) for tissue in TISSUE_RANGES}  # one mask per tissue
     for k in range(slices):
         t = t_base + (t_apex - t_base) * (k / (slices - 1) if slices > 1 else 0.5)
         ck_u, ck_v = cu + drift[0] * t, cv + drift[1] * t
@@ -266,13 +233,7 @@ def _render(
 
 
 def synth_cardiac_case(
-    seed: int,
-    modality: str,
-    index: int,
-    *,
-    slices: int = 6,
-    size: int = 128,
-    difficulty: float = 1.0,
+    seed: int, modality: str, index: int, *, slices: int = 6, size: int = 128, difficulty: float = 1.0,
     modality_gap: float = 1.0,
 ) -> SynthCase:
     """Generate subject ``index`` of ``modality`` ("CT" or "MR"), independent of the other modality.
@@ -335,17 +296,9 @@ def modality_counts(
 
 
 def make_cardiac_dataset(
-    out_dir: str | Path,
-    *,
-    num_patients_per_modality: int = 8,
-    slices: int = 6,
-    size: int = 128,
-    seed: int = 0,
-    difficulty: float = 1.0,
-    modalities: tuple[str, ...] = ("CT", "MR"),
-    patients_per_modality: Mapping[str, int] | None = None,
-    modality_gap: float = 1.0,
-    overwrite: bool = False,
+    out_dir: str | Path, *, num_patients_per_modality: int = 8, slices: int = 6, size: int = 128, seed: int = 0,
+    difficulty: float = 1.0, modalities: tuple[str, ...] = ("CT", "MR"),
+    patients_per_modality: Mapping[str, int] | None = None, modality_gap: float = 1.0, overwrite: bool = False,
 ) -> Path:
     """Write the unpaired SynthCardiac dataset (nnU-Net raw + modalseg's unpaired keys); return its folder.
 
@@ -364,42 +317,54 @@ def make_cardiac_dataset(
         num_patients=num_patients_per_modality, slices=slices, size=size, seed=seed, difficulty=difficulty
     )
     counts = modality_counts(modalities, num_patients_per_modality, patients_per_modality)
-    mods = list(counts)
     gap = _check_gap(modality_gap)
-    out_dir = Path(out_dir)
+    params: dict[str, Any] = {"generator": "cardiac", "version": GENERATOR_VERSION}
+    if len(set(counts.values())) == 1:
+        params["num_patients_per_modality"] = next(iter(counts.values()))
+    else:  # only when uneven, so that default datasets keep their exact bytes
+        params["patients_per_modality"] = dict(counts)
+    params.update(slices=int(slices), size=int(size), seed=int(seed), difficulty=float(difficulty))
+    if gap != 1.0:
+        params["modality_gap"] = gap
+
+    def case(mod: str, index: int) -> SynthCase:
+        return synth_cardiac_case(seed, mod, index, slices=slices, size=size, difficulty=difficulty, modality_gap=gap)
+
+    description = ("Synthetic unpaired cardiac-like short-axis slices (CT-like and MR-like, different subjects) "
+                   "generated by modalseg; label values as MS-CMRSeg.")
+    return write_cardiac_dataset(out_dir, counts, case, name="SynthCardiac", description=description, params=params,
+                                 overwrite=overwrite)
+
+
+def write_cardiac_dataset(
+    out_dir: str | Path, counts: Mapping[str, int], case: Callable[[str, int], SynthCase], *, name: str,
+    description: str, params: dict[str, Any], overwrite: bool,
+) -> Path:
+    """Write ``counts[modality]`` unpaired cases ``case(modality, index)`` of each modality as an nnU-Net raw
+    dataset with modalseg's unpaired keys (``"paired": false``, ``modalities``, ``case_modality``; one image
+    channel per case); shared by the 2D and 3D generators."""
     case_modality: dict[str, str] = {}
-    cases: dict[str, dict] = {}
+    infos: dict[str, dict] = {}
     with raw_dataset_writer(out_dir, overwrite=overwrite) as writer:
-        for mod in mods:
-            for index in range(counts[mod]):
-                case = synth_cardiac_case(
-                    seed, mod, index, slices=slices, size=size, difficulty=difficulty, modality_gap=gap
-                )
-                writer.write_image(case.case_id, 0, case.images[mod], case.affine)
-                writer.write_label(case.case_id, case.label, case.affine)
-                case_modality[case.case_id] = mod
-                cases[case.case_id] = case.info
-        params: dict[str, Any] = {"generator": "cardiac", "version": GENERATOR_VERSION}
-        if len(set(counts.values())) == 1:
-            params["num_patients_per_modality"] = next(iter(counts.values()))
-        else:  # only when uneven, so that default datasets keep their exact bytes
-            params["patients_per_modality"] = dict(counts)
-        params.update(slices=int(slices), size=int(size), seed=int(seed), difficulty=float(difficulty))
-        if gap != 1.0:
-            params["modality_gap"] = gap
+        for mod, count in counts.items():
+            for index in range(count):
+                made = case(mod, index)
+                writer.write_image(made.case_id, 0, made.images[mod], made.affine)
+                writer.write_label(made.case_id, made.label, made.affine)
+                case_modality[made.case_id] = mod
+                infos[made.case_id] = made.info
         writer.set_dataset_json(
             {
-                "name": "SynthCardiac",
-                "description": "Synthetic unpaired cardiac-like short-axis slices (CT-like and MR-like, "
-                "different subjects) generated by modalseg; label values as MS-CMRSeg.",
+                "name": name,
+                "description": description,
                 "channel_names": {"0": "image"},
                 "labels": dict(LABEL_VALUES),
                 "paired": False,
-                "modalities": mods,
+                "modalities": list(counts),
                 "case_modality": case_modality,
                 "numTraining": len(case_modality),
                 "file_ending": ".nii.gz",
-                "modalseg_synth": {**params, "cases": cases},
+                "modalseg_synth": {**params, "cases": infos},
             }
         )
-    return out_dir
+    return Path(out_dir)
