@@ -187,3 +187,27 @@ def test_gpu_script_refuses_cuda_without_a_device():
         pytest.skip("a CUDA device is present")
     with pytest.raises(SystemExit, match="no CUDA device"):
         gpu.main(["--quick"])
+
+
+def test_three_d_quick_ratios_follow_from_the_timings():
+    import three_d
+
+    rows = three_d.main(["--quick", "--modes", "fp32"])["rows"]
+    assert [r["model"].split()[0] for r in rows] == ["master_assistant", "MONAI"]
+    base = rows[1]
+    assert base["train_ratio"] == pytest.approx(1.0) and base["predict_speedup"] == pytest.approx(1.0)
+    for r in rows:
+        assert r["patches_per_s"] == pytest.approx(2 / r["step_s"])
+        assert r["train_ratio"] == pytest.approx(r["patches_per_s"] / base["patches_per_s"])
+        assert r["predict_speedup"] == pytest.approx(base["predict_s"] / r["predict_s"])
+    # the BasicUNet is the width whose parameter count is closest to the master-assistant network's
+    assert abs(rows[1]["params"] - rows[0]["params"]) / rows[0]["params"] < 0.3
+
+
+def test_dims_dice_quick_trains_every_layout():
+    import dims_dice
+
+    results = dims_dice.main(["--quick"])["results"]
+    assert set(results) == {"2D", "2.5D (k=2)", "3D"}
+    assert results["3D"][0]["patch"] and results["2D"][0]["patch"] is None
+    assert all(0.0 <= r[0]["dice"] <= 1.0 for r in results.values())

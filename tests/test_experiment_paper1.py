@@ -149,3 +149,35 @@ def test_cli_entry_point(experiment, breast_dataset, monkeypatch):
     monkeypatch.setattr(Trainer, "fit", lambda self: (_ for _ in ()).throw(AssertionError("no training")))
     assert main(["experiment", "paper1", *tiny_argv(breast_dataset, experiment)]) == 0
     assert main(["experiment", "paper1", *tiny_argv(breast_dataset, experiment)[:4], "--models", "nope"]) == 2
+
+
+def test_dims_3_runs_the_table_with_3d_networks_on_the_labelled_slices(tmp_path, capsys):
+    """``--dims 3``: planned 3D networks, FuseNet left out of ``all`` (refused by name), records that say 3D, scored
+    on the slices with foreground only; the 2D budget is unchanged (2D records stay reusable)."""
+    import nibabel as nib
+
+    from modalseg.data.synth import make_breast_dataset_3d
+    from modalseg.training.checkpoint import read_checkpoint
+
+    data = make_breast_dataset_3d(tmp_path / "b3", num_patients=4, size=16, seed=3)
+    with pytest.raises(ConfigError, match="fixed VGG topology"):
+        paper1.build_plan(parse(tiny_argv(data, tmp_path / "x", "--models", "fusenet,unet", "--dims", "3")))
+    plan = paper1.build_plan(parse(tiny_argv(data, tmp_path / "x", "--models", "all", "--dims", "3")))
+    assert "fusenet" not in plan.models and plan.budget()["dims"] == 3
+    assert "dims" not in paper1.build_plan(parse(tiny_argv(data, tmp_path / "y"))).budget()
+    out = tmp_path / "exp3"
+    argv = tiny_argv(data, out, "--models", "master_assistant", "--folds", "2", "--image-size", "16", "--dims", "3")
+    assert paper1.run(parse(argv)) == 0
+    assert "3D plan: patch" in capsys.readouterr().out
+    record = json.loads((out / "records" / "master_assistant_run0_fold0.json").read_text())
+    assert record["budget"]["dims"] == 3
+    run_dir = out / "runs" / "master_assistant" / "run_0" / "fold_0"
+    meta = read_checkpoint(run_dir / "latest.pt").meta
+    assert meta.spatial_dims == 3 and meta.patch_size
+    spec_labels = sorted((data / "labelsTr").glob("*.nii.gz"))
+    val = set(json.loads((out / "splits.json").read_text())[0]["val"])
+    fg_slices = sum(int((np.asarray(nib.load(str(p)).dataobj)[..., z] > 0).any())
+                    for p in spec_labels if p.name.rsplit(".nii", 1)[0] in val
+                    for z in range(nib.load(str(p)).shape[2]))
+    assert len(record["slices"]) == fg_slices > 0
+    assert "3D networks (--dims 3" in (out / "table1.md").read_text()

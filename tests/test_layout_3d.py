@@ -216,3 +216,20 @@ def test_export_refuses_a_3d_checkpoint(breast3d: Path, tmp_path: Path, capsys: 
                  str(tmp_path / "exp")])
     err = capsys.readouterr().err
     assert code != 0 and "3D network" in err and len(err.strip().splitlines()) == 1
+
+
+def test_channels_last_precision_handles_3d_networks() -> None:
+    """``channels_last`` on a 3D network means NDHWC (torch.channels_last refuses rank-5 weights and inputs)."""
+    from modalseg.models import create_model
+    from modalseg.training.precision import Precision
+
+    net = create_model("master_assistant", num_modalities=2, in_channels=1, num_classes=2, spatial_dims=3,
+                       base_width=4, sa_reduction=2, depth=2)
+    precision = Precision(torch.device("cpu"), torch.bfloat16, True)
+    net = precision.prepare_model(net)
+    conv = next(m for m in net.modules() if isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = precision.to_input(torch.randn(1, 2, 8, 8, 8))
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+    with precision.autocast():
+        assert net(x).shape == (1, 2, 8, 8, 8)

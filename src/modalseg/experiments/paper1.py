@@ -31,6 +31,14 @@ the final weights are used and the table's budget line counts those records. Bes
 the folds, mean ± s.d. over runs, out of the slices with reference foreground; each record holds its count.
 
 :func:`full_budget_commands` gives the commands for paper 1's full budget (a GPU job).
+
+``--dims 3`` runs the same grid with the 3D versions of the networks (docs/3d.md): each model's kernels, poolings and
+patch are planned from the data (``dims: 3``), trained on patches of whole volumes and validated by sliding
+windows. The paper's preprocessing is kept except that every slice is cached (a 3D network needs its neighbours;
+``only_labelled_slices`` off), and the table is still scored on the labelled slices (those with foreground, the
+slices the 2D protocol caches), one by one, so its rows mean what they mean in 2D. FuseNet and FuseNet-concat have
+a fixed VGG topology that is not planned in 3D: ``--models all`` leaves them out (a line says so), naming them is
+refused. The Fig. 4 / Fig. 5 panels are 2D and are not drawn.
 """
 
 from __future__ import annotations
@@ -86,8 +94,10 @@ RECORD_VERSION = 2
 #: TrainConfig keys this command sets itself (use its own options instead of --set).
 MANAGED_KEYS = frozenset({
     "data", "output", "model", "fold", "folds", "seed", "split_seed", "epochs", "batch_size", "lr",
-    "precision", "preprocess",
+    "precision", "preprocess", "dims",
 })
+#: Table 1 models with a fixed (VGG) topology: no 3D plan (models/planning.py)
+FIXED_TOPOLOGY = ("fusenet", "fusenet_concat")
 #: --set keys that do not change results (left out of the budget that records are matched against).
 COSMETIC_KEYS = frozenset({"progress", "tensorboard", "num_threads", "checkpoint_every", "cache_dir"})
 FIG5_MODELS = ("master_assistant", "fuse_unet_sa")
@@ -119,6 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_checkpoint_argument(p, help="weights evaluated: latest.pt, the final epoch (default, as nnU-Net), or "
                                     "best.pt, the best validation epoch of the same fold (optimistic; latest.pt "
                                     "where no best.pt exists)")
+    p.add_argument("--dims", type=int, default=2, choices=[2, 3],
+                   help="2: the paper's 2D networks (default); 3: their 3D versions, planned from the data, trained "
+                        "on patches of whole volumes and scored on the same labelled slices")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
                    help="any other training option, VALUE parsed as YAML (e.g. --set num_threads=1)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
@@ -149,6 +162,7 @@ class Plan:
     overrides: dict[str, Any]
     progress: bool
     overwrite: bool
+    dims: int = 2
 
     def base_width(self, model: str) -> int:
         """Scaled base width; the half-width models get exactly half of the full-width ones (paper 1)."""
@@ -167,6 +181,8 @@ class Plan:
             "sa_reduction": self.sa_reduction, "batch_size": self.batch_size, "lr": self.lr,
             "precision": self.precision, "checkpoint": self.checkpoint,
             "overrides": {k: v for k, v in sorted(self.overrides.items()) if k not in COSMETIC_KEYS},
+            # only 3D records say so: 2D records keep the budget they were made with
+            **({"dims": self.dims} if self.dims != 2 else {}),
         }
 
 
@@ -234,6 +250,15 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if not data.exists():
         raise ConfigError("dataset folder not found", data)
     models = parse_models(args.models)
+    dims = int(getattr(args, "dims", 2))
+    if dims == 3:
+        fixed = [m for m in models if m in FIXED_TOPOLOGY]
+        if fixed and args.models.strip().lower() != "all":
+            raise ConfigError(f"--dims 3: {', '.join(fixed)} have a fixed VGG topology without a 3D plan; leave them "
+                              "out of --models")
+        if fixed:
+            print(f"paper1: --dims 3 leaves out {', '.join(fixed)} (fixed VGG topology, no 3D plan)")
+        models = [m for m in models if m not in FIXED_TOPOLOGY]
     for name in ("runs", "folds", "epochs", "batch_size", "sa_reduction"):
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
@@ -251,7 +276,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         print(f"paper1: note: --base-width-scale {scale} rounded to {half}/32 so widths stay integers "
               f"({2 * half} and {half})")
     multiple = 32 if {"fusenet", "fusenet_concat"} & set(models) else 16
-    if args.image_size < multiple or args.image_size % multiple:
+    if dims == 2 and (args.image_size < multiple or args.image_size % multiple):
         raise ConfigError(f"--image-size must be a positive multiple of {multiple} "
                           f"({'FuseNet pools 5 times' if multiple == 32 else 'U-Nets pool 4 times'}), "
                           f"got {args.image_size}")
@@ -261,7 +286,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         half_width=half, width_scale=half / 32, sa_reduction=args.sa_reduction, batch_size=args.batch_size,
         lr=float(args.lr), precision=args.precision, seed=args.seed, split_seed=args.split_seed,
         checkpoint=args.checkpoint, overrides=_parse_set(list(args.set_options or [])),
-        progress=bool(args.progress), overwrite=bool(args.overwrite),
+        progress=bool(args.progress), overwrite=bool(args.overwrite), dims=dims,
     )
 
 
@@ -300,15 +325,18 @@ def count_parameters(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def full_size_parameters(model: str, num_modalities: int, in_channels: int, num_classes: int) -> int:
-    """Parameters of ``model`` at paper 1's widths (64/32, r=16), built on the meta device (no memory)."""
+def full_size_parameters(model: str, num_modalities: int, in_channels: int, num_classes: int,
+                         topology: Mapping[str, Any] | None = None) -> int:
+    """Parameters of ``model`` at paper 1's widths (64/32, r=16), built on the meta device (no memory);
+    ``topology``: a 3D network's planned ``spatial_dims`` / ``depth`` / ``kernel_sizes`` / ``strides``."""
     import torch
 
     from modalseg.models import create_model
 
     with torch.device("meta"):
         net = create_model(model, num_modalities=num_modalities, in_channels=in_channels,
-                            num_classes=num_classes, base_width=DEFAULT_BASE_WIDTH[model], sa_reduction=16)
+                            num_classes=num_classes, base_width=DEFAULT_BASE_WIDTH[model], sa_reduction=16,
+                            **dict(topology or {}))
     return count_parameters(net)
 
 
@@ -352,9 +380,11 @@ def _train_config(plan: Plan, model: str, run: int, fold: int) -> Any:
         data=str(plan.data), output=str(_run_root(plan, model, run)), model=model,
         model_options=plan.model_options(model), preprocess="paper1",
         preprocess_options={**(plan.overrides.get("preprocess_options") or {}),
-                            "target_size": [plan.image_size, plan.image_size]},
+                            "target_size": [plan.image_size, plan.image_size],
+                            **({"only_labelled_slices": False} if plan.dims == 3 else {})},
         epochs=plan.epochs, batch_size=plan.batch_size, lr=plan.lr, precision=plan.precision,
         folds=plan.folds, fold=fold, seed=plan.seed + run, split_seed=plan.split_seed,
+        **({"dims": 3} if plan.dims == 3 else {}),
     )
     return TrainConfig.from_dict(values, source="modalseg experiment paper1")
 
@@ -388,6 +418,13 @@ def _splits(plan: Plan, spec: Any, cache: Any) -> list[dict]:
             raise ConfigError(f"has {n} folds but --folds is {plan.folds}; pass --overwrite to re-split", path)
     return resolve_splits(plan.output, cache.patients, plan.folds, plan.split_seed, task_for(spec).strata(cache),
                           dataset_root=plan.data, log=lambda line: print(f"paper1: {line}", flush=True))
+
+
+def labelled_slices(val: Any) -> Any:
+    """The slices of a validation prediction whose reference has foreground (what the ``paper1`` preset caches)."""
+    keep = [i for i, r in enumerate(val.records) if r.get("foreground")]
+    return dataclasses.replace(val, pred=val.pred[keep], target=val.target[keep],
+                               records=[val.records[i] for i in keep], indices=val.indices[keep])
 
 
 def _save_predictions(path: Path, pred: np.ndarray, cache_index: np.ndarray, case_ids: list[str],
@@ -442,6 +479,8 @@ class Paper1(Experiment):
 
         plan, model, run, fold = self.plan, job.key["model"], job.key["run"], job.fold
         val = trainer.predict_split("val")["all"]
+        if plan.dims == 3:  # scored on the labelled slices, as the 2D protocol (which caches only those)
+            val = labelled_slices(val)
         n_empty, n_reference = count_empty_slices(val.pred, val.target)
         class_names = list(trainer.meta.labels)
         _per_patient, per_slice = evaluate_model_predictions(val.pred, val.target, val.records, trainer.meta)
@@ -455,7 +494,10 @@ class Paper1(Experiment):
             "seed": trainer.cfg.seed, "budget": plan.budget(), "val_patients": list(trainer.split["val"]),
             "modalities": list(meta.modalities), "base_width": plan.base_width(model),
             "params_trained": count_parameters(trainer.network),
-            "params_full": full_size_parameters(model, len(meta.modalities), meta.in_channels, meta.num_classes),
+            "params_full": full_size_parameters(
+                model, len(meta.modalities), meta.in_channels, meta.num_classes,
+                {k: v for k, v in meta.model_options.items() if k in ("spatial_dims", "depth", "kernel_sizes",
+                                                                       "strides")}),
             "precision": trainer.precision.name, "train_seconds": round(train_seconds, 2),
             "epochs_trained": summary["epochs"], "steps": summary["steps"],
             "best_val_dice_patient": summary["best_val_dice"], "checkpoint": str(weights),
@@ -555,7 +597,9 @@ def write_table1(plan: Plan, records: list[dict], wall_s: float, dataset_name: s
     if fell_back:
         weights += f"; {fell_back} record(s) without best.pt used latest.pt"
     budget = (
-        f"Budget: {plan.epochs} epochs, image {plan.image_size}x{plan.image_size}, base widths "
+        ("3D networks (--dims 3: planned patches, sliding-window validation, scored on the labelled slices). "
+         if plan.dims == 3 else "")
+        + f"Budget: {plan.epochs} epochs, image {plan.image_size}x{plan.image_size}, base widths "
         f"{2 * plan.half_width}/{plan.half_width} (x{plan.width_scale:g} of the paper's 64/32), SA r="
         f"{plan.sa_reduction} d=4, batch {plan.batch_size}, lr {plan.lr:g} (Adam+AMSGrad, x0.5 every 30 epochs), "
         f"precision {plan.precision}, folds {','.join(map(str, folds_done))} of {plan.folds}, "
@@ -757,7 +801,10 @@ def run(args: argparse.Namespace) -> int:
     md, csv = write_table1(plan, records, time.perf_counter() - t_start, spec.name, trained)
     print(f"paper1: {trained} trained, {len(outcomes) - trained} reused; table -> {md} and {csv}")
     print(md.read_text(encoding="utf-8").split("\n\n**Paper 1 Table 1 as printed")[0])
-    for path in make_figures(plan, cache):
-        print(f"paper1: figure -> {path}")
+    if plan.dims == 3:
+        print("paper1: figures: Fig. 4 / Fig. 5 are 2D panels; not drawn for --dims 3")
+    else:
+        for path in make_figures(plan, cache):
+            print(f"paper1: figure -> {path}")
     print(f"paper1: done in {(time.perf_counter() - t_start) / 60:.1f} min; records in {plan.output / 'records'}")
     return 0

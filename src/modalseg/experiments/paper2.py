@@ -226,7 +226,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", type=_settings_arg, default=list(SETTING_ORDER),
                    help="'all' (default) or a comma list of single,joint,msbn,ummkd,affinity,csa")
     p.add_argument("--backbone", choices=["dilated_fcn", "unet"], default="dilated_fcn",
-                   help="dilated_fcn: paper 2's (UMMKD) network (default); unet: paper 1's U-Net")
+                   help="dilated_fcn: paper 2's (UMMKD) network (default); unet: paper 1's U-Net (the 3D backbone)")
+    p.add_argument("--dims", type=int, choices=[2, 3], default=2,
+                   help="2: paper 2's 2D networks (default); 3 (with --backbone unet): the U-Net in 3D with MSBN "
+                        "and the 3D class-specific affinity, planned from the data, trained on patches, "
+                        "sliding-window validation (docs/3d.md)")
     p.add_argument("--iterations", type=_positive, default=DEFAULT_ITERATIONS,
                    help=f"training iterations per setting (default {DEFAULT_ITERATIONS}; not stated in the paper)")
     p.add_argument("--eval-every", type=_positive, default=DEFAULT_EVAL_EVERY,
@@ -321,6 +325,7 @@ def _signature(args: argparse.Namespace, spec, setting: str, run: int, split: di
         "modalities": list(spec.modalities),
         "setting": setting,
         "backbone": args.backbone,
+        **({"dims": 3} if getattr(args, "dims", 2) == 3 else {}),  # 2D records keep their signature
         "width": args.width,
         "feature_layers": list(args.feature_layers) if args.feature_layers else None,
         "dropout": args.dropout,
@@ -373,7 +378,7 @@ def _train_config(args: argparse.Namespace, setting: str, run: int, fold: int, r
         batch_size=args.batch_size, lr=args.lr, folds=args.folds, fold=fold, seed=args.seed + run,
         split_seed=args.seed, cache_dir=str(out / ".cache"), precision=args.precision, device=args.device,
         num_threads=args.threads, val_every=1, progress=not args.quiet and sys.stderr.isatty(),
-        tensorboard=args.tensorboard, **extra,
+        tensorboard=args.tensorboard, **extra, **({"dims": 3} if getattr(args, "dims", 2) == 3 else {}),
     )
 
 
@@ -567,7 +572,10 @@ def _conventions_line(args: argparse.Namespace) -> str:
     """One line naming every loss and evaluation convention of the tables (paper preset or not)."""
     from modalseg.models.unpaired import DEFAULT_FEATURE_LAYERS
 
-    layers = list(args.feature_layers or DEFAULT_FEATURE_LAYERS.get(args.backbone, ()))
+    three_d = getattr(args, "dims", 2) == 3
+    # a 3D U-Net's default pair follows its planned depth (models/unpaired.py): name it generically
+    layers = list(args.feature_layers or (["master.blocks.<depth-1>", "decoder.ups.0"] if three_d
+                                          else DEFAULT_FEATURE_LAYERS.get(args.backbone, ())))
     reading = getattr(args, "csa_reading", "literal")
     norm = getattr(args, "csa_region_norm", True)
     dice = getattr(args, "dice_form", "per_image")
@@ -600,13 +608,16 @@ def _table_note(metric: str, n_patients: Mapping[str, int], args: argparse.Names
                 f"95th percentiles (medpy pools both directions instead), per patient volume, {scale}.",
     }[metric]
     stat = "medians" if getattr(args, "aggregate", "mean") == "median" else "means"
+    three_d = getattr(args, "dims", 2) == 3
+    in_3d = " in 3D (--dims 3: planned patches, sliding-window validation)" if three_d else ""
+    samples = "patches" if three_d else "slices"
     lines = [
         "",
         f"Note: {what} Values are {stat} over validation patients (patients per modality: {per_mod}) of "
         f"fold(s) {', '.join(map(str, folds))} of {args.folds}; with several runs ({args.runs} here) the mean "
         f"of the per-run {stat} (± s.d. over runs). 'Avg' is the mean of the class columns.",
-        f"Backbone {args.backbone}, width {args.width or 'default'}, {args.iterations} iterations, "
-        f"{args.batch_size} slices per modality per step, lr {args.lr:g}, {args.checkpoint} weights"
+        f"Backbone {args.backbone}{in_3d}, width {args.width or 'default'}, {args.iterations} iterations, "
+        f"{args.batch_size} {samples} per modality per step, lr {args.lr:g}, {args.checkpoint} weights"
         + (f", dropout {args.dropout:g}" if args.dropout is not None else "")
         + (", BN statistics re-estimated on the training slices (dropout off)" if args.recalibrate_bn else "")
         + ".",
@@ -787,6 +798,9 @@ def run(args: argparse.Namespace) -> int:
     if spec.paired:
         raise ConfigError("paper 2 compares unpaired settings; this dataset is paired (use `experiment paper1`)",
                           args.data)
+    if getattr(args, "dims", 2) == 3 and args.backbone != "unet":
+        raise ConfigError("--dims 3 needs --backbone unet: the dilated FCN's x8 pixel shuffle needs 512 channels per "
+                          "class in 3D (docs/3d.md)")
     if args.dropout is not None and (args.backbone != "dilated_fcn" or not 0.0 <= args.dropout < 1.0):
         raise ConfigError(f"--dropout is a drop probability in [0, 1) of the dilated_fcn backbone (got "
                           f"{args.dropout} with --backbone {args.backbone})")

@@ -80,15 +80,20 @@ class Precision:
                 yield
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the device; with ``channels_last``, channels-last for its dimensionality (NHWC for a 2D batch,
+        NDHWC for a 3D one: PyTorch's ``channels_last`` / ``channels_last_3d``)."""
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         return x
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on the device; with ``channels_last`` its conv weights channels-last (a 3D network's 5D weights
+        as ``channels_last_3d``: ``torch.channels_last`` refuses rank-5 tensors)."""
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            volumetric = any(p.dim() == 5 for p in model.parameters())
+            model = model.to(memory_format=torch.channels_last_3d if volumetric else torch.channels_last)
         return model
 
 
