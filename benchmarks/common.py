@@ -409,6 +409,32 @@ def forward_flops(case: TrainCase) -> float:
     return float(counter.get_total_flops())
 
 
+def dense_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 4096, repeats: int = 5) -> float:
+    """The machine's measured dense peak: the best of ``repeats`` ``n x n`` matrix products in ``dtype`` with the
+    current torch threads (``2 n^3`` FLOPs each), in GFLOP/s. The yardstick of "achieved FLOP/s": a convolution
+    network can at best run at the speed of its matrix products."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    torch.mm(a, b)  # warm-up (oneDNN/BLAS kernel selection)
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e9
+
+
+def network_forward_flops(network: nn.Module, example: torch.Tensor) -> float:
+    """FLOPs of one forward pass of ``network`` on ``example`` (convolutions and matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        network.eval()(example)
+    return float(counter.get_total_flops())
+
+
 # ------------------------------------------------------------------------------------------------ output
 def fmt(value: Any, digits: int = 2) -> str:
     if value is None:

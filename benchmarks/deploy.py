@@ -63,7 +63,18 @@ COLUMNS = [
     ("speedup_vs_torch_fp32", "x torch fp32", 2),
     ("labels_equal_pct", "labels = torch fp32 (%)", 3),
     ("max_abs_prob_diff", "max |dp|", 4),
+    ("achieved_gflops", "network GFLOP/s", 0),
+    ("x_ideal", "predict / (FLOPs / peak)", 2),
 ]
+
+
+def peak_dtype(precision: str) -> torch.dtype | None:
+    """The dense peak a configuration is held against: fp32 or bf16 (int8 has no torch peak: none)."""
+    if precision.startswith("fp32"):
+        return torch.float32
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    return None
 
 
 def available(backend: str) -> bool:
@@ -148,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.print_machine(info)
     print(f"# onnxruntime {info.get('onnxruntime', '-')}, openvino {info.get('openvino', '-')}, threads "
           f"{args.threads or 'library defaults'}")
+    n = 1024 if args.quick else 4096
+    peaks = {torch.float32: common.dense_peak_gflops(torch.float32, n), torch.bfloat16: common.dense_peak_gflops(
+        torch.bfloat16, n)}
+    info["peak_gflops"] = {"fp32": peaks[torch.float32], "bf16": peaks[torch.bfloat16]}
+    print(f"# measured dense peak ({n}x{n} matmul, best of 5, torch {torch.get_num_threads()} threads): fp32 "
+          f"{peaks[torch.float32]:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16]:.0f} GFLOP/s")
     from modalseg.deploy.export import export_run
 
     with tempfile.TemporaryDirectory(prefix="modalseg_bench_deploy_") as tmp:
@@ -163,6 +180,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 exports["int8"] = root / "export_int8"
                 export_run(ckpt, exports["int8"], int8_calibration=calibration_dataset(root, args.size, args.slices),
                            echo=False)
+        from modalseg.training.checkpoint import read_checkpoint
+
+        network = read_checkpoint(ckpt).build_network()
+        flops_per_slice = common.network_forward_flops(network, torch.zeros(1, 2, args.size, args.size))
+        volume_flops = flops_per_slice * args.slices
+        print(f"# network forward {flops_per_slice / 1e9:.1f} GFLOP per slice, {volume_flops / 1e9:.0f} GFLOP per "
+              f"volume (torch.utils.flop_counter: convolutions and matrix products)")
         print(f"# volume {args.size}x{args.size}x{args.slices}, 2 modalities, master_assistant "
               f"({'trained: ' + str(ckpt) if args.checkpoint else 'fresh weights'}), predict batch "
               f"{args.batch_size}; setup and export {time.perf_counter() - t0:.1f} s (not timed)")
@@ -182,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = next((r for r in rows if r["config"] == "torch fp32"), None)
     for row in rows:
         row["speedup_vs_torch_fp32"] = base["total_s"] / row["total_s"] if base else None
+        row["achieved_gflops"] = volume_flops / row["predict_s"] / 1e9
+        dtype = peak_dtype(row["precision"])
+        # 1.0 = predict (read, preprocess, network, restore) as fast as the network's FLOPs at the dense peak
+        row["x_ideal"] = row["predict_s"] / (volume_flops / (peaks[dtype] * 1e9)) if dtype is not None else None
         if ref:
             last = runs[row["config"]][-1]
             row["labels_equal_pct"] = 100.0 * float(np.mean(last["labels"] == ref[-1]["labels"]))
@@ -189,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     common.print_table(rows, COLUMNS)
     print("# medians over interleaved rounds; labels and |dp| (foreground probability) against torch fp32's last run")
-    payload = {"benchmark": "deploy", "machine": info, "settings": vars(args), "results": rows}
+    payload = {"benchmark": "deploy", "machine": info, "settings": vars(args), "results": rows,
+               "network_flops_per_volume": volume_flops}
     common.write_json(args.json, payload)
     return payload
 

@@ -29,6 +29,15 @@ def test_deploy_benchmark_quick_runs_every_backend(tmp_path, capsys):
         assert r["n"] == 1 and r["total_s"] >= r["predict_s"] > 0
         assert r["speedup_vs_torch_fp32"] == pytest.approx(base["total_s"] / r["total_s"])
         assert r["slices_per_s"] == pytest.approx(4 / r["predict_s"])
+        # achieved network FLOP/s and the time against FLOPs / measured dense peak follow from the measurements
+        flops, peaks = payload["network_flops_per_volume"], payload["machine"]["peak_gflops"]
+        assert flops > 0 and peaks["fp32"] > 0 and peaks["bf16"] > 0
+        assert r["achieved_gflops"] == pytest.approx(flops / r["predict_s"] / 1e9)
+        peak = peaks["fp32"] if "fp32" in r["precision"] else peaks["bf16"] if "bf16" in r["precision"] else None
+        if peak is None:
+            assert r["x_ideal"] is None  # int8: no dense int8 peak measured
+        else:
+            assert r["x_ideal"] == pytest.approx(r["predict_s"] * peak * 1e9 / flops)
     for name in ("torch fp32+CL", "onnxruntime fp32", "openvino fp32"):
         if name in rows:  # fp32 everywhere: the same labels, probabilities within float rounding
             assert rows[name]["labels_equal_pct"] >= 99.9 and rows[name]["max_abs_prob_diff"] < 1e-3

@@ -3,7 +3,8 @@
 The graph is built statically from the source (AST), so a cycle is found even where today's import order
 happens to avoid the ``ImportError``: every ``import x`` and ``from x import y`` at module or function level is
 an edge (``y`` itself when it is a module, else ``x``); relative imports are resolved against their package.
-Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+Imports under ``if TYPE_CHECKING:`` never run, but a cycle through them still ties two modules together (each
+needs the other to be read, type-checked or moved): the package is checked both ways, and has no cycle either way.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement of ``tree`` except those in ``if TYPE_CHECKING:`` bodies."""
+def _runtime_imports(tree: ast.AST, type_checking: bool = False) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement of ``tree`` except those in ``if TYPE_CHECKING:`` bodies (included with
+    ``type_checking``)."""
     found: list[ast.Import | ast.ImportFrom] = []
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node.test):
             stack.extend(node.orelse)  # the else branch does run
             continue
         if isinstance(node, ast.Import | ast.ImportFrom):
@@ -59,13 +61,14 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
-    """``{module: modules it imports}`` restricted to ``modules``."""
+def import_graph(modules: dict[str, Path], type_checking: bool = False) -> dict[str, set[str]]:
+    """``{module: modules it imports}`` restricted to ``modules`` (``type_checking``: annotation-only imports too)."""
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         is_package = path.name == "__init__.py"
         edges: set[str] = set()
-        for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in _runtime_imports(tree, type_checking):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
@@ -174,6 +177,7 @@ def test_graph_builder_resolves_relative_from_and_function_level_imports(tmp_pat
         assert b in graph[a]
     graph["pkg.sub.leaf"] = set()
     assert find_cycles(graph) == []
+    assert import_graph(modules, type_checking=True)["pkg.top"] == {"pkg.sub.leaf", "pkg.sub", "pkg.other"}
 
 
 def test_evaluation_stats_and_metrics_do_not_import_each_other() -> None:
@@ -182,10 +186,11 @@ def test_evaluation_stats_and_metrics_do_not_import_each_other() -> None:
     assert "modalseg.evaluation.metrics" not in graph["modalseg.evaluation.tables"]
 
 
-def test_no_import_cycles_in_modalseg() -> None:
+@pytest.mark.parametrize("type_checking", [False, True], ids=["runtime", "with-type-hints"])
+def test_no_import_cycles_in_modalseg(type_checking: bool) -> None:
     modules = module_files()
     assert len(modules) > 20, "package sources not found"
-    graph = import_graph(modules)
+    graph = import_graph(modules, type_checking)
     lines = []
     for comp in strongly_connected(graph):
         cycle = _cycle_through(comp, graph)

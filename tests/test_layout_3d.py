@@ -233,3 +233,32 @@ def test_channels_last_precision_handles_3d_networks() -> None:
     assert x.is_contiguous(memory_format=torch.channels_last_3d)
     with precision.autocast():
         assert net(x).shape == (1, 2, 8, 8, 8)
+
+
+@pytest.mark.parametrize("layout", [{"dims": 3}, {"dims": 2, "context_slices": 1}], ids=["3d", "2.5d"])
+def test_ddp_ranks_split_the_single_process_batches_exactly(breast3d: Path, tmp_path: Path, layout: dict) -> None:
+    """DDP equivalence on the data side: with augmentation on, the two ranks' batches of every step concatenate
+    to the batch one process draws with the global batch size (the same patches, the same random transforms)."""
+    from modalseg.training.tasks import task_for
+
+    opts = {"base_width": 4, "sa_reduction": 2, **({"depth": 2} if layout["dims"] == 2 else {})}
+    single = Trainer(cfg3d(breast3d, tmp_path / "s", batch_size=4, augmentation="medium", steps_per_epoch=2,
+                           model_options=opts, **{**layout}))
+    cfg = single.cfg
+    cases_of = single.cache.patients
+    train = sorted(c for p in single.split["train"] for c in cases_of.get(p, ()))
+    val = sorted(c for p in single.split["val"] for c in cases_of.get(p, ()))
+    ranks = []
+    for rank in range(2):
+        task = task_for(single.spec)
+        task.model_modalities(cfg)
+        task.network_layout(cfg, single.cache)
+        task.plan(single.cache, train, val, cfg, rank, 2)
+        ranks.append(task)
+    for epoch in range(2):
+        full = list(single.task.batches(epoch, 0, single.precision))
+        parts = [list(t.batches(epoch, 0, single.precision)) for t in ranks]
+        assert len(full) == len(parts[0]) == len(parts[1]) > 0
+        for whole, a, b in zip(full, *parts, strict=True):
+            torch.testing.assert_close(torch.cat([a.args[0], b.args[0]]), whole.args[0], rtol=0, atol=0)
+            assert torch.equal(torch.cat([a.args[1], b.args[1]]), whole.args[1])
