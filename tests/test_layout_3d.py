@@ -262,3 +262,46 @@ def test_ddp_ranks_split_the_single_process_batches_exactly(breast3d: Path, tmp_
         for whole, a, b in zip(full, *parts, strict=True):
             torch.testing.assert_close(torch.cat([a.args[0], b.args[0]]), whole.args[0], rtol=0, atol=0)
             assert torch.equal(torch.cat([a.args[1], b.args[1]]), whole.args[1])
+
+
+def test_resample_slices_round_trip_keeps_labels_extent_and_probabilities() -> None:
+    from modalseg.data.transforms import ResampleSlices, Sample, invert
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, 10, 4, 5)).astype(np.float32)
+    label = rng.integers(0, 3, size=(10, 4, 5)).astype(np.uint8)
+    out = ResampleSlices(1.5)(Sample(image, label, spacing=(3.0, 0.7, 0.7)))
+    assert out.image.shape == (2, 20, 4, 5) and out.label.shape == (20, 4, 5)
+    assert out.spacing == (1.5, 0.7, 0.7)  # 10 x 3 mm = 20 x 1.5 mm: the extent is kept
+    np.testing.assert_array_equal(out.label[::2], label)  # nearest-exact, no invented class
+    assert set(np.unique(out.label)) <= set(np.unique(label))
+    np.testing.assert_array_equal(invert(out.label, out.trace, "label"), label)
+    probs = rng.dirichlet(np.ones(3), size=(20, 4, 5)).transpose(3, 0, 1, 2).astype(np.float32)  # (K, D', H, W)
+    back = invert(probs, out.trace, "probabilities")
+    assert back.shape == (3, 10, 4, 5)
+    np.testing.assert_allclose(back.sum(0), 1.0, atol=1e-5)
+    # linear along depth: a ramp stays a ramp
+    ramp = np.broadcast_to(np.arange(10, dtype=np.float32)[None, :, None, None], (1, 10, 2, 2)).copy()
+    up = ResampleSlices(1.5)(Sample(ramp, None, spacing=(3.0, 1.0, 1.0))).image[0, :, 0, 0]
+    np.testing.assert_allclose(up[1:-1], (np.arange(1, 19) + 0.5) / 2 - 0.5, atol=1e-6)
+
+
+def test_slice_thickness_resampling_trains_3d_and_predicts_on_the_file_grid(tmp_path: Path) -> None:
+    """Thick slices (1.4 mm) resampled to 0.7 mm for training: the cache holds twice the slices at the actual
+    thickness; prediction resamples back and writes the file's grid exactly."""
+    from modalseg.data.synth import make_breast_dataset_3d
+
+    data = make_breast_dataset_3d(tmp_path / "thick", num_patients=4, size=16, slice_thickness_mm=1.4, seed=5)
+    cfg = cfg3d(data, tmp_path / "run", epochs=1, steps_per_epoch=1,
+                preprocess_options={"target_size": [16, 16], "slice_thickness_mm": 0.7})
+    tr = Trainer(cfg)
+    image = nib.load(str(sorted((data / "imagesTr").glob("*_0000.nii.gz"))[0]))
+    case = tr.cache.cases[0]
+    assert case.depth == 2 * image.shape[2]
+    assert case.spacing[0] == pytest.approx(0.7) and tr.cache.records[0]["slice_thickness"] == pytest.approx(0.7)
+    tr.fit()
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(tmp_path / "run" / "fold_0" / "latest.pt"), "--input",
+                 str(data / "imagesTr"), "--output", str(out), "--precision", "fp32"]) == 0
+    pred = nib.load(str(out / f"{sorted((data / 'labelsTr').glob('*.nii.gz'))[0].name}"))
+    assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-5)

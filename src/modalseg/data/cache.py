@@ -45,7 +45,7 @@ import torch
 from modalseg.data import io as mio
 from modalseg.data.geometry import ORIGIN_TOL_VOXELS, geometry_problems
 from modalseg.data.patches import PatchRef
-from modalseg.data.preprocess import PreprocessConfig, SliceGeometry, preprocess_volume
+from modalseg.data.preprocess import PreprocessConfig, SliceGeometry, preprocess_volume, processed_thickness
 from modalseg.data.transforms import OntoGrid, Sample, ToCanonical
 from modalseg.data.types import IGNORE_INDEX, CaseFiles, DatasetSpec
 from modalseg.data.verify import intensity_problems
@@ -542,6 +542,7 @@ def _build_into(
         if len(spacing) != 3:
             raise DataError(f"expected a 3D volume, got spacing {spacing}", case.images[0])
         slices = preprocess_volume(images, labels, cfg, spacing=spacing, channels=channels)
+        thickness = processed_thickness(cfg, images.shape[1 + cfg.slice_axis], spacing)
         del images, labels
         if not slices:
             log.warning("case %s has no slices (no foreground with only_labelled_slices)", case.case_id)
@@ -558,7 +559,6 @@ def _build_into(
         volume = np.stack([s.image for s in slices], axis=1).astype(np.float32, copy=False)  # (M, D, H, W)
         label_volume = np.stack([s.label for s in slices]).astype(np.uint8)  # type: ignore[misc]
         files = write_case(tmp, len(entries), case.case_id, volume, label_volume)
-        thickness = float(spacing[cfg.slice_axis])
         entries.append({
             "case_id": case.case_id,
             "patient_id": case.patient_id,

@@ -58,6 +58,7 @@ from modalseg.data.transforms import (  # noqa: F401  (the per-slice primitives,
     CropPad,
     InvertibleTransform,
     Normalise,
+    ResampleSlices,
     Resize,
     Sample,
     SelectSlices,
@@ -79,6 +80,7 @@ from modalseg.data.transforms import (  # noqa: F401  (the per-slice primitives,
     find_record,
     geometry_trace,
     invert,
+    resampled_depth,
     slice_geometry,
     square_box,
     volume_stats,
@@ -112,6 +114,8 @@ class PreprocessConfig:
     crop: str = "none"
     crop_size: tuple[int, int] | None = None
     only_labelled_slices: bool = False
+    #: resample along the slice axis to about this thickness (mm) before slicing (None: keep the file's slices)
+    slice_thickness_mm: float | None = None
     #: dataset statistics per channel for ``ct_dataset`` (None for other channels): the 0.5/99.5 percentiles and
     #: mean/std of the training cases' foreground voxels (data/intensity.py), stored with the model
     intensity_stats: list[dict[str, float] | None] | None = None
@@ -132,6 +136,11 @@ class PreprocessConfig:
         if self.crop not in CROPS:
             raise ConfigError(f"preprocess.crop: unknown crop {self.crop!r}; choose from {', '.join(CROPS)}")
         self.target_size = _pair(self.target_size, "target_size")
+        if self.slice_thickness_mm is not None:
+            value = self.slice_thickness_mm
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+                raise ConfigError(f"preprocess.slice_thickness_mm: expected a positive number of mm, got {value!r}")
+            self.slice_thickness_mm = float(value)
         self.crop_size = _pair(self.crop_size, "crop_size")
         if self.intensity_stats is not None and (
             not isinstance(self.intensity_stats, (list, tuple))
@@ -189,7 +198,8 @@ class PreprocessConfig:
             "crop": self.crop,
             "crop_size": list(self.crop_size) if self.crop_size else None,
             "only_labelled_slices": self.only_labelled_slices,
-            # only when used, so that configurations without dataset statistics keep their dict (and cache keys)
+            # only when used, so that configurations without them keep their dict (and cache keys)
+            **({"slice_thickness_mm": self.slice_thickness_mm} if self.slice_thickness_mm is not None else {}),
             **({"intensity_stats": [dict(s) if s else None for s in self.intensity_stats]}
                if self.intensity_stats is not None else {}),
         }
@@ -337,11 +347,21 @@ def preprocessing_pipeline(
     steps += [
         Normalise(modes, cfg.slice_axis, ct),
         ToSliceMajor(cfg.slice_axis),
+        *([ResampleSlices(cfg.slice_thickness_mm)] if cfg.slice_thickness_mm is not None else []),
         SelectSlices(cfg.only_labelled_slices and not all_slices),
         CropPad(cfg.crop, cfg.crop_size),
         Resize(cfg.target_size),
     ]
     return Compose(steps)
+
+
+def processed_thickness(cfg: PreprocessConfig, depth: int, spacing: Sequence[float]) -> float:
+    """Slice thickness (mm) of the processed slices of a volume with ``depth`` slices of ``spacing``: the file's, or
+    after ``slice_thickness_mm`` resampling the actual one (the extent kept, :func:`resampled_depth`)."""
+    thickness = float(spacing[cfg.slice_axis])
+    if cfg.slice_thickness_mm is None:
+        return thickness
+    return thickness * int(depth) / resampled_depth(int(depth), thickness, cfg.slice_thickness_mm)
 
 
 @dataclass

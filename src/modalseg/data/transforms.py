@@ -524,6 +524,61 @@ class ToSliceMajor(InvertibleTransform):
         return np.moveaxis(arr, 0, a) if kind == "label" else np.moveaxis(arr, 1, 1 + a)
 
 
+def resampled_depth(depth: int, thickness: float, target: float) -> int:
+    """Slices after resampling ``depth`` slices of ``thickness`` mm to about ``target`` mm: the volume's extent is
+    kept (``round(depth * thickness / target)``, at least 1), so the actual thickness is ``depth * thickness / out``."""
+    return max(1, int(round(int(depth) * float(thickness) / float(target))))
+
+
+def _along_depth(arr: np.ndarray, axis: int, n_out: int, is_label: bool) -> np.ndarray:
+    """``arr`` resampled to ``n_out`` entries along ``axis``: linear (``align_corners=False``, the taps of
+    :func:`_resize_numpy`) for images and probabilities, ``nearest-exact`` for labels; numpy only (the exported
+    runtime has no torch)."""
+    n_in = arr.shape[axis]
+    if n_in == n_out:
+        return arr
+    if is_label:
+        idx = np.minimum(np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5))
+                                  * (np.float32(n_in) / np.float32(n_out))).astype(np.int64), n_in - 1)
+        return np.take(arr, idx, axis=axis)
+    i0, i1, w0, w1 = _linear_taps(n_in, n_out)
+    shape = [1] * arr.ndim
+    shape[axis] = n_out
+    a = np.take(arr, i0, axis=axis).astype(np.float64)
+    b = np.take(arr, i1, axis=axis).astype(np.float64)
+    return (a * w0.reshape(shape) + b * w1.reshape(shape)).astype(np.float32)
+
+
+class ResampleSlices(InvertibleTransform):
+    """Resample a slice-major sample ``(C, D, H, W)`` along the slice axis to about ``thickness_mm`` per slice
+    (nnU-Net's resampling to a target spacing, through-plane only: in-plane sizes follow the crop and resize).
+
+    Images linearly, labels nearest-exact (no invented class); the volume's extent is kept
+    (:func:`resampled_depth`) and the sample's spacing says the actual thickness. The inverse resamples back to the
+    original number of slices (probabilities linearly: they still sum to 1). ``None`` changes nothing."""
+
+    def __init__(self, thickness_mm: float | None) -> None:
+        self.thickness_mm = None if thickness_mm is None else float(thickness_mm)
+
+    def forward(self, sample: Sample) -> tuple[Sample, dict[str, Any]]:
+        image = np.asarray(sample.image)
+        depth = int(image.shape[1])
+        if self.thickness_mm is None or sample.spacing is None:
+            return sample.replace(), {"depth": depth, "out_depth": depth}
+        out = resampled_depth(depth, sample.spacing[0], self.thickness_mm)
+        record = {"depth": depth, "out_depth": out}
+        if out == depth:
+            return sample.replace(), record
+        label = None if sample.label is None else _along_depth(np.asarray(sample.label), 0, out, True)
+        spacing = (float(sample.spacing[0]) * depth / out, *sample.spacing[1:])
+        return sample.replace(image=_along_depth(image, 1, out, False), label=label, spacing=spacing), record
+
+    def inverse(self, array: np.ndarray, record: dict[str, Any], kind: str) -> np.ndarray:
+        arr = np.asarray(array)
+        depth = int(record["depth"])
+        return _along_depth(arr, 0 if kind == "label" else 1, depth, kind == "label")
+
+
 class SelectSlices(InvertibleTransform):
     """Keep only the slices with foreground (``only_foreground`` and a label given), e.g. paper 1's labelled
     central slices; records every slice's foreground flag. The inverse puts the kept slices back at their depth and

@@ -83,6 +83,7 @@ def describe_preprocessing(
     axis = int(preprocess.get("slice_axis", 2))
     crop, crop_size, target = preprocess.get("crop", "none"), preprocess.get("crop_size"), preprocess.get("target_size")
     stats = preprocess.get("intensity_stats") or []
+    thickness = preprocess.get("slice_thickness_mm")
     normalization = []
     for m, mode in zip(modalities, _modes(preprocess, kind, modalities, channel_names), strict=True):
         k = channel_names.index(m) if m in channel_names else None
@@ -106,6 +107,8 @@ def describe_preprocessing(
         "interpolation)",
         "per-modality intensity normalisation over the whole original slice or volume (see normalization)",
         f"2D slices along canonical array axis {axis}: {_AXIS_NAMES.get(axis, axis)}; every slice is predicted",
+        *([f"slices resampled along the slice axis to about {thickness:g} mm (linear; the volume's extent kept: "
+           "round(depth x thickness / target) slices)"] if thickness else []),
         f"crop: {crop_rule}; parts outside the image are zero (after normalisation)",
         (f"resize to {target} (bilinear, align_corners=False, no antialiasing)" if target else
          "no resize"),
@@ -119,6 +122,7 @@ def describe_preprocessing(
          "no resize to undo"),
         ("pasted into the crop box of the slice; outside the box: probability 0 for every region" if regions else
          "pasted into the crop box of the slice; outside the box: background (class 0 probability 1)"),
+        *(["slices resampled back to the file's number of slices (linear)"] if thickness else []),
         "slices stacked back along the slice axis, then the inverse of the canonical reorientation: the first "
         "modality's voxel order and geometry (affine, spacing, origin, direction) are the output's",
         ("labels: on background 0, each region painted with its value where its probability > 0.5, in 'labels' "

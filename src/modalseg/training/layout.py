@@ -105,9 +105,13 @@ def network_fields(cfg: TrainConfig, cache: SliceCache, *, model: str, num_modal
     spacing_text = " x ".join(f"{v:g}" for v in spacing)
     memory = (f"~{plan.memory_mb:.0f} MB for {plan.batch_size} patches of a {budget:.0f} MB budget"
               if cfg.patch_size is None else "patch_size given, memory not planned")
+    thick = [float(c.spacing[0]) for c in cache.cases]
+    varies = (f"; note: slice thickness varies {min(thick):g}-{max(thick):g} mm across cases, so patches differ in "
+              "physical depth (preprocess_options slice_thickness_mm resamples them to one)"
+              if max(thick) > 1.25 * min(thick) else "")
     line = (f"3D plan: patch {'x'.join(map(str, patch))} (median volume {'x'.join(map(str, median))}, spacing "
             f"{spacing_text} mm), {len(strides)} poolings {[list(s) for s in strides]}, base width "
-            f"{plan.base_width}; {memory}")
+            f"{plan.base_width}; {memory}{varies}")
     return {"model_options": model_options, "patch_size": patch}, line
 
 
