@@ -56,7 +56,7 @@ def make_splits(
     ]
 
 
-def _read_split_list(path: Path, ids: str) -> list[dict[str, list[str]]]:
+def read_split_list(path: Path, ids: str) -> list[dict[str, list[str]]]:
     """A JSON list of {"train": [ids], "val": [ids]} folds, refused in one line otherwise."""
     try:
         splits: Any = json.loads(path.read_text(encoding="utf-8"))
@@ -80,7 +80,7 @@ def load_nnunet_splits(path: str | Path, case_to_patient: Mapping[str, str]) -> 
     it into validation, or train on cases the split left out).
     """
     path = Path(path)
-    splits = _read_split_list(path, "case ids")
+    splits = read_split_list(path, "case ids")
     cases_of: dict[str, set[str]] = {}
     for case, patient in case_to_patient.items():
         cases_of.setdefault(patient, set()).add(case)
