@@ -134,3 +134,27 @@ def test_predict_cli_tta_and_postprocessing(trained_run, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and value in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_3d_flip_tta_mirrors_the_slice_axis_too():
+    """A 3D network's ``--tta flip``: 8 mirrored sliding-window predictions (slices, rows, columns), each mirrored
+    back, averaged; 2D keeps its 4 in-plane mirrors."""
+    from modalseg.inference.inferers import SlidingWindowInferer
+    from modalseg.inference.tta import tta_axes
+    from modalseg.models import create_model
+
+    assert tta_axes(2) == (-2, -1) and tta_axes(3) == (0, -2, -1)
+    torch.manual_seed(0)
+    net = create_model("unet", num_modalities=1, in_channels=1, num_classes=2, base_width=2, depth=2,
+                       spatial_dims=3)
+    backend = TorchBackend(net, resolve_precision(torch.device("cpu"), "fp32"))
+    images = np.random.default_rng(1).normal(size=(8, 1, 8, 8)).astype(np.float32)
+    plain = SlidingWindowInferer((8, 8, 8))
+    combos = flip_combinations((0, -2, -1))
+    assert len(combos) == 8
+    expected = np.mean([np.flip(plain(backend, np.ascontiguousarray(np.flip(images, a) if a else images)), a)
+                        if a else plain(backend, images) for a in combos], axis=0)
+    got = with_tta(plain, "flip", tta_axes(3))(backend, images)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="axes 0"):
+        FlipTTA(plain, (1,))

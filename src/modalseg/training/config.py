@@ -210,7 +210,8 @@ class TrainConfig:
     # --- optimisation ---
     epochs: int = _opt(100, "number of epochs (unpaired: an epoch is `steps_per_epoch` iterations)", "int", ge=1)
     steps_per_epoch: int | None = _opt(
-        None, "unpaired only: iterations per epoch (default: one pass of the largest modality)", "int", ge=1
+        None, "unpaired and 3D: iterations per epoch (default: one pass of the largest modality's slices; 3D: the "
+        "training voxels covered about once)", "int", ge=1
     )
     batch_size: int | None = _opt(
         None, "global batch (paired, paper 1: 4) or slices per modality per step (paper 2: 8)", "int", ge=1

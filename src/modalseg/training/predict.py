@@ -384,10 +384,12 @@ def predict_case(
     given files (the name appears in the lines that say an assistant was resampled); ``tta="flip"`` averages the
     in-plane mirrored predictions (inference/tta.py); ``missing``: modalities not among ``files`` (a model trained
     with modality dropout)."""
-    from modalseg.inference.tta import with_tta
+    from modalseg.inference.tta import tta_axes, with_tta
 
     # the model's own inferer: slices (2D), slices with neighbours (2.5D) or sliding windows (3D)
-    predictor = Predictor(models, inferer=with_tta(inferer_for(models[0].meta, batch_size), tta))
+    meta = models[0].meta
+    predictor = Predictor(models, inferer=with_tta(inferer_for(meta, batch_size), tta,
+                                                   tta_axes(getattr(meta, "spatial_dims", 2))))
     if case is None:
         meta = predictor.meta
         needed = [(meta.channel_names or meta.modalities).index(m) for m in predictor.input_names(None, missing)] \
