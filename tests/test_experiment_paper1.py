@@ -181,3 +181,16 @@ def test_dims_3_runs_the_table_with_3d_networks_on_the_labelled_slices(tmp_path,
                     for z in range(nib.load(str(p)).shape[2]))
     assert len(record["slices"]) == fg_slices > 0
     assert "3D networks (--dims 3" in (out / "table1.md").read_text()
+
+
+def test_robustness_flag_writes_the_missing_modality_table(breast_dataset, tmp_path, capsys):
+    out = tmp_path / "exp"
+    argv = tiny_argv(breast_dataset, out, "--models", "unet,master_assistant", "--robustness")
+    assert paper1.run(parse(argv)) == 0
+    assert "paper1: robustness ->" in capsys.readouterr().out
+    text = (out / "robustness.md").read_text()
+    # the two-modality model: none, T1C and T2W removed; the single-modality U-Net has no row
+    assert text.count("| Proposed |") == 3 and "U-Net (T1C)" not in text
+    rows = list(csv.DictReader((out / "robustness" / "master_assistant" / "robustness.csv").open()))
+    assert [r["removed"] for r in rows] == ["none", "T1C", "T2W"]
+    assert [r["trained"] for r in rows] == ["yes", "no", "no"]

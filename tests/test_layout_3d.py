@@ -305,3 +305,18 @@ def test_slice_thickness_resampling_trains_3d_and_predicts_on_the_file_grid(tmp_
                  str(data / "imagesTr"), "--output", str(out), "--precision", "fp32"]) == 0
     pred = nib.load(str(out / f"{sorted((data / 'labelsTr').glob('*.nii.gz'))[0].name}"))
     assert pred.shape == image.shape and np.allclose(pred.affine, image.affine, atol=1e-5)
+
+
+def test_3d_fold_ensemble_averages_the_folds_sliding_window_probabilities(breast3d: Path, tmp_path: Path) -> None:
+    from modalseg.inference.predictor import Predictor
+
+    for fold in (0, 1):
+        Trainer(cfg3d(breast3d, tmp_path / "run", fold=fold, epochs=1, steps_per_epoch=1, seed=fold)).fit()
+    files = sorted((breast3d / "imagesTr").glob("*_001_*.nii.gz"))
+    both = Predictor.from_checkpoints([tmp_path / "run"], which="latest")
+    assert len(both.models) == 2
+    single = [Predictor.from_checkpoints([tmp_path / "run" / f"fold_{k}"], which="latest") for k in (0, 1)]
+    ensemble = both.predict_files(files)
+    parts = [p.predict_files(files).probabilities for p in single]
+    assert ensemble.probabilities.shape[1:] == nib.load(str(files[0])).shape
+    np.testing.assert_allclose(ensemble.probabilities, (parts[0] + parts[1]) / 2, atol=1e-5)

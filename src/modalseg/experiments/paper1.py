@@ -132,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dims", type=int, default=2, choices=[2, 3],
                    help="2: the paper's 2D networks (default); 3: their 3D versions, planned from the data, trained "
                         "on patches of whole volumes and scored on the same labelled slices")
+    p.add_argument("--robustness", action="store_true",
+                   help="also evaluate every multi-modality model of run 0 with each proper subset of modalities "
+                        "removed (modalseg evaluate --robustness on its folds): DIR/robustness.md")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_options",
                    help="any other training option, VALUE parsed as YAML (e.g. --set num_threads=1)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
@@ -163,6 +166,7 @@ class Plan:
     progress: bool
     overwrite: bool
     dims: int = 2
+    robustness: bool = False
 
     def base_width(self, model: str) -> int:
         """Scaled base width; the half-width models get exactly half of the full-width ones (paper 1)."""
@@ -287,6 +291,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         lr=float(args.lr), precision=args.precision, seed=args.seed, split_seed=args.split_seed,
         checkpoint=args.checkpoint, overrides=_parse_set(list(args.set_options or [])),
         progress=bool(args.progress), overwrite=bool(args.overwrite), dims=dims,
+        robustness=bool(getattr(args, "robustness", False)),
     )
 
 
@@ -775,6 +780,37 @@ def make_figures(plan: Plan, cache: Any = None) -> list[Path]:
     return out
 
 
+def write_robustness_tables(plan: Plan) -> Path | None:
+    """``--robustness``: every multi-modality model of run 0, on the validation cases of its evaluated folds
+    (pooled), with each proper subset of modalities removed (:mod:`modalseg.training.robustness`: zeros after
+    normalisation, whole validation volumes scored as ``modalseg evaluate`` scores files, so the figures are volume
+    metrics, not Table 1's per-slice ones). Per model ``DIR/robustness/<model>/``; all models in
+    ``DIR/robustness.md``."""
+    from modalseg.evaluation.tables import write_table
+    from modalseg.models.paper1 import PAPER1_TABLE1_ROWS
+    from modalseg.training.model_meta import single_modality_models
+    from modalseg.training.robustness import evaluate_robustness, write_robustness
+
+    rows: list[dict[str, str]] = []
+    for model in plan.models:
+        if model in single_modality_models():
+            continue
+        result = evaluate_robustness(_run_root(plan, model, 0), plan.data, which=plan.checkpoint, log=None)
+        write_robustness(result, plan.output / "robustness" / model)
+        for row in result.rows:
+            rows.append({"Model": PAPER1_TABLE1_ROWS[model], "Removed": row["removed"], "Present": row["present"],
+                         "Trained for it": row["trained"], "Cases": str(row["n_cases"]),
+                         "Mean Dice (%)": f"{100 * row['dice_mean']:.2f}"})
+    if not rows:
+        print("paper1: robustness: no multi-modality model in --models; nothing to evaluate")
+        return None
+    path = plan.output / "robustness.md"
+    write_table(rows, list(rows[0]), path, None,
+                title=f"Robustness to missing modalities (run 0, {plan.checkpoint}.pt, validation volumes of the "
+                      "evaluated folds pooled; removed modalities fed as zeros after normalisation; volume Dice)")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
     """Train/evaluate every (run, fold, model) through the shared runner (reusing records); Table 1, Figs. 4-5."""
@@ -806,5 +842,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for path in make_figures(plan, cache):
             print(f"paper1: figure -> {path}")
+    if plan.robustness:
+        path = write_robustness_tables(plan)
+        if path is not None:
+            print(f"paper1: robustness -> {path}")
     print(f"paper1: done in {(time.perf_counter() - t_start) / 60:.1f} min; records in {plan.output / 'records'}")
     return 0
