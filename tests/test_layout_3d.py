@@ -320,3 +320,32 @@ def test_3d_fold_ensemble_averages_the_folds_sliding_window_probabilities(breast
     parts = [p.predict_files(files).probabilities for p in single]
     assert ensemble.probabilities.shape[1:] == nib.load(str(files[0])).shape
     np.testing.assert_allclose(ensemble.probabilities, (parts[0] + parts[1]) / 2, atol=1e-5)
+
+
+def _paired_models() -> list[str]:
+    from modalseg.models.paper1 import PAPER1_MODELS
+
+    return list(PAPER1_MODELS)
+
+
+@pytest.mark.parametrize("name", _paired_models())
+def test_every_paper1_model_trains_a_3d_step(breast3d: Path, tmp_path: Path, name: str) -> None:
+    """Every Table-1 model in 3D through the trainer: planned (U-Net family) or with a given patch (FuseNet's
+    fixed topology), one optimisation step on (B, C, D, H, W) patches, finite weights that moved."""
+    fixed = name.startswith("fusenet")
+    opts = {"base_width": 2, **({} if fixed else {"sa_reduction": 2})}
+    cfg = cfg3d(breast3d, tmp_path / name, model=name, model_options=opts, max_steps=1, steps_per_epoch=1,
+                **({"patch_size": [32, 32, 32]} if fixed else {}))
+    tr = Trainer(cfg)
+    assert tr.meta.spatial_dims == 3 and any(isinstance(m, nn.Conv3d) for m in tr.network.modules())
+    before = {k: v.clone() for k, v in tr.network.state_dict().items()}
+    tr.fit()
+    after = tr.network.state_dict()
+    assert tr.global_step == 1
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_fixed_topology_models_need_a_patch_in_3d(breast3d: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="give patch_size with every side at least 32"):
+        Trainer(cfg3d(breast3d, tmp_path / "f", model="fusenet", model_options={"base_width": 2}))

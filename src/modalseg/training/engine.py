@@ -290,7 +290,8 @@ class Trainer:
         val_cases = sorted(c for p in self.split["val"] for c in cases_of.get(p, ()))
         multiple, minimum = input_size_rule(self.network)
         height, width = (int(v) for v in self.cache.images.shape[-2:])
-        if self.meta.patch_size is None and height % multiple or width % multiple or min(height, width) < minimum:
+        # 3D patches and sliding windows are sized by the plan (and padded); slices must fit the network as they are
+        if self.meta.patch_size is None and (height % multiple or width % multiple or min(height, width) < minimum):
             need = max(minimum, height + (-height) % multiple), max(minimum, width + (-width) % multiple)
             raise ConfigError(
                 f"slices are {height}x{width} but model {cfg.model} needs sides of at least {minimum} that are "

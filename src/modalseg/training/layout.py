@@ -84,8 +84,11 @@ def network_fields(cfg: TrainConfig, cache: SliceCache, *, model: str, num_modal
             return {}, None
         return {"in_channels": 2 * k + 1, "context_slices": k}, None
     from modalseg.models.planning import divisibility, plan_3d, plan_topology
+    from modalseg.models.registry import builder_options, model_card
 
     spacing, median = median_geometry(cache)
+    if "strides" not in builder_options(model) or model_card(model).family != "fusion_unet":  # as plan_3d
+        return _fixed_topology_fields(cfg, model, median)
     options = dict(cfg.model_options)
     width = options.pop("base_width", None)
     budget = float(cfg.memory_budget_mb or default_memory_budget_mb(device))
@@ -113,6 +116,23 @@ def network_fields(cfg: TrainConfig, cache: SliceCache, *, model: str, num_modal
             f"{spacing_text} mm), {len(strides)} poolings {[list(s) for s in strides]}, base width "
             f"{plan.base_width}; {memory}{varies}")
     return {"model_options": model_options, "patch_size": patch}, line
+
+
+def _fixed_topology_fields(cfg: TrainConfig, model: str, median: Sequence[int]) -> tuple[dict[str, Any], str]:
+    """A 3D network whose topology is fixed (FuseNet: five VGG stages pooling every axis by 2): nothing to plan, so
+    the patch must be given (each side at least 32: one voxel left after the fifth pooling); the dilated FCN is
+    refused (its x8 pixel shuffle needs 512 channels per class in 3D, docs/3d.md)."""
+    if model == "dilated_fcn":
+        raise ConfigError("dims 3: the dilated FCN's x8 pixel shuffle is a seam in 3D, not a model (309M parameters "
+                          "at width 16); use the unet backbone (model: unet)")
+    if cfg.patch_size is None or min(cfg.patch_size) < 32:
+        raise ConfigError(f"dims 3 with {model}: its topology is fixed (five poolings by 2 on every axis), so nothing "
+                          "is planned; give patch_size with every side at least 32, e.g. [32, 64, 64] (median volume "
+                          f"{'x'.join(map(str, median))})")
+    patch = list(cfg.patch_size)
+    line = (f"3D: {model} has a fixed topology (five 2x2x2 poolings); patch {'x'.join(map(str, patch))} as given, "
+            "memory not planned")
+    return {"model_options": {**cfg.model_options, "spatial_dims": 3}, "patch_size": patch}, line
 
 
 def steps_per_epoch_3d(cache: SliceCache, positions: Sequence[int], patch: Sequence[int], batch_size: int) -> int:
