@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from missing_modality import call, machine, mean_sd, score, train  # noqa: E402
+from missing_modality import add_budget_arguments, call, machine, mean_sd, score, train  # noqa: E402
 
 ARMS = ("off", "medium")
 
@@ -43,16 +43,7 @@ def run(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train-patients", type=int, default=6)
     p.add_argument("--val-patients", type=int, default=14)
-    p.add_argument("--slices", type=int, default=6)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=60, help="epochs of the 6 patients' slices (9 steps each)")
-    p.add_argument("--width", type=int, default=16, help="master_assistant base_width (published: 32)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny data, widths and budget")
-    p.add_argument("--json")
+    add_budget_arguments(p, epochs=60, epochs_help="epochs of the 6 patients' slices (9 steps each)")
     args = p.parse_args(argv)
     if args.quick:
         args.train_patients, args.val_patients, args.slices, args.size = 2, 2, 2, 32

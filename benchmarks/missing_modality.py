@@ -110,24 +110,29 @@ def machine() -> str:
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
-def run(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--patients", type=int, default=24)
+def add_budget_arguments(p: argparse.ArgumentParser, *, epochs: int, epochs_help: str | None = None) -> None:
+    """The training budget options this script and augmentation_effect.py share (same meanings, same defaults)."""
     p.add_argument("--slices", type=int, default=6)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--folds", type=int, default=3, help="fold 0 of this many is trained (default 3: 8 of 24 "
-                                                          "patients held out)")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     p.add_argument("--width", type=int, default=16, help="master_assistant base_width (published: 32)")
-    p.add_argument("--unet-width", type=int, default=32,
-                   help="U-Net base_width (published: 64; the paper's 2:1 ratio to master_assistant)")
-    p.add_argument("--dropout", type=float, default=0.5, help="modality dropout of T2W for model (1)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data, widths and budget")
     p.add_argument("--json")
+
+
+def run(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--patients", type=int, default=24)
+    p.add_argument("--folds", type=int, default=3, help="fold 0 of this many is trained (default 3: 8 of 24 "
+                                                          "patients held out)")
+    p.add_argument("--unet-width", type=int, default=32,
+                   help="U-Net base_width (published: 64; the paper's 2:1 ratio to master_assistant)")
+    p.add_argument("--dropout", type=float, default=0.5, help="modality dropout of T2W for model (1)")
+    add_budget_arguments(p, epochs=15)
     args = p.parse_args(argv)
     if args.quick:
         args.patients, args.slices, args.size, args.folds, args.epochs = 6, 2, 32, 2, 1
