@@ -349,3 +349,17 @@ def test_every_paper1_model_trains_a_3d_step(breast3d: Path, tmp_path: Path, nam
 def test_fixed_topology_models_need_a_patch_in_3d(breast3d: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="give patch_size with every side at least 32"):
         Trainer(cfg3d(breast3d, tmp_path / "f", model="fusenet", model_options={"base_width": 2}))
+
+
+def test_the_precision_probe_times_a_smaller_3d_patch(breast3d: Path, tmp_path: Path) -> None:
+    """``precision: auto`` times the 3D network on a patch of twice its divisibility per axis (every layer runs)
+    instead of the whole training patch, so that the 2-second budget can time more than one mode."""
+    from modalseg.models.planning import divisibility
+
+    tr = Trainer(cfg3d(breast3d, tmp_path / "p", max_steps=1, patch_size=[8, 16, 16]))
+    div = divisibility(tr.meta.model_options["strides"])
+    x, _ = tr.task.probe_example(2)
+    assert tuple(x.shape[2:]) == tuple(min(p, 2 * d) for p, d in zip([8, 16, 16], div, strict=True))
+    assert np.prod(x.shape[2:]) < np.prod(tr.meta.patch_size)  # smaller than the training patch
+    with torch.no_grad():
+        assert tr.network(x).shape[2:] == x.shape[2:]

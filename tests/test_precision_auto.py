@@ -423,3 +423,13 @@ def test_benchmark_script_quick(tmp_path, monkeypatch):
     assert auto["message"].startswith(f"precision auto: {auto['choice']} (")
     assert payload["cpu_model_name"] == pp.cpu_model_name()
     assert json.loads((tmp_path / "p.json").read_text())["results"]["infer"]["auto"]["choice"] == auto["choice"]
+
+
+def test_probe_reads_a_3d_batch_and_keys_its_size():
+    """A 3D network's (B, C, D, H, W) batch is the probe's reference: cut to the probe batch, reported by shape, and
+    its in-plane size enters the cache key (before, 5-D inputs had no reference: shape '?', no size class)."""
+    net = create_model("unet", num_modalities=1, in_channels=1, num_classes=2, base_width=2, depth=2, spatial_dims=3)
+    x = torch.randn(3, 1, 8, 16, 16)
+    result = pp.measure_precisions(net, (x,), [resolve_precision(CPU, "fp32")], purpose="infer", budget_s=5.0)
+    assert result.shape == "2x1x8x16x16"
+    assert pp._reference((x,)) is x

@@ -267,7 +267,8 @@ class Trainer:
         choice: list[Any] = [None]
         if self.dist.is_main:
             precision, line = choose_precision(loss_module, self._probe_example, self.device, "train",
-                                               channels_last=self.cfg.channels_last, model_name=self.cfg.model)
+                                               channels_last=self.cfg.channels_last, model_name=self.cfg.model,
+                                               budget_s=self.task.probe_budget_s)
             self._say(line)
             choice = [precision]
         if self.dist.enabled:

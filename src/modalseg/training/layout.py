@@ -157,6 +157,19 @@ def fold_context(x: torch.Tensor, y: torch.Tensor, context: int) -> tuple[torch.
     return x.reshape(b, c * d, *x.shape[3:]), y[:, context]
 
 
+def probe_patch(fields: dict[str, Any]) -> list[int]:
+    """The patch ``precision: auto`` times a 3D network on: per axis twice the network's divisibility (every layer
+    runs, the deepest at 2 voxels), at most the training patch. Why smaller: a whole 3D training step can take
+    longer than the probe's 2-second budget, and a probe that cannot time a second mode keeps fp32 (on the AMX Xeon
+    bf16 trains this network 3x faster, docs/benchmarks.md)."""
+    from modalseg.models.planning import divisibility
+
+    patch = [int(v) for v in fields["patch_size"]]
+    strides = fields["model_options"].get("strides")
+    div = divisibility(strides) if strides else (32, 32, 32)  # FuseNet: five 2x poolings per axis
+    return [min(p, 2 * d) for p, d in zip(patch, div, strict=True)]
+
+
 def probe_refs(cache: SliceCache, positions: Sequence[int], patch: Sequence[int], count: int) -> list[PatchRef]:
     """``count`` centred patches of the first cases (a training-like batch for the precision probe)."""
     refs = []

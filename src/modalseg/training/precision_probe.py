@@ -191,8 +191,9 @@ def _example_args(example: Any) -> tuple[Any, ...]:
 
 
 def _reference(args: Any) -> torch.Tensor | None:
-    """The first 4-D floating tensor: the image batch whose batch and spatial size the probe shrinks."""
-    return next((t for t in _tensors(args) if t.dim() == 4 and t.is_floating_point()), None)
+    """The first 4-D (2D networks) or 5-D (3D networks) floating tensor: the image batch whose batch and in-plane
+    size the probe shrinks."""
+    return next((t for t in _tensors(args) if t.dim() in (4, 5) and t.is_floating_point()), None)
 
 
 def _halve(side: int, minimum: int = 32) -> int | None:
