@@ -363,3 +363,20 @@ def test_the_precision_probe_times_a_smaller_3d_patch(breast3d: Path, tmp_path: 
     assert np.prod(x.shape[2:]) < np.prod(tr.meta.patch_size)  # smaller than the training patch
     with torch.no_grad():
         assert tr.network(x).shape[2:] == x.shape[2:]
+
+
+def test_a_resumed_3d_run_keeps_its_plan_when_the_budget_would_plan_another(breast3d: Path, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The default memory budget follows the device: a resume on another machine must not re-plan the network
+    under the saved weights. A budget too small for any patch refuses a fresh run but resumes the recorded plan."""
+    first = Trainer(cfg3d(breast3d, tmp_path / "r", epochs=2, steps_per_epoch=1, max_steps=1))
+    first.fit()
+    with pytest.raises(ConfigError, match="memory budget"):
+        Trainer(cfg3d(breast3d, tmp_path / "fresh", memory_budget_mb=0.001))
+    capsys.readouterr()
+    resumed = Trainer(cfg3d(breast3d, tmp_path / "r", epochs=2, steps_per_epoch=1, memory_budget_mb=0.001),
+                      resume=True)
+    assert "as recorded in the checkpoint (resume)" in capsys.readouterr().out
+    assert resumed.meta.to_dict() == first.meta.to_dict()
+    resumed.fit()
+    assert resumed.global_step == 2

@@ -58,6 +58,8 @@ RUN_OUTPUTS = ("latest.pt", "best.pt", "log.csv", "config.yaml", "validation.csv
 RESUMABLE_CHANGES = frozenset({
     "epochs", "max_steps", "val_every", "checkpoint_every", "progress", "tensorboard", "num_threads", "device",
     "output",
+    # a resumed 3D run keeps the plan recorded in its checkpoint, so the planner's budget no longer matters
+    "memory_budget_mb",
 })
 
 
@@ -225,7 +227,10 @@ class Trainer:
         seed_everything(cfg.seed)
         modalities = self.task.model_modalities(cfg)
         # 2.5D channels or the 3D plan (kernels, poolings, patch) of this data; nothing in 2D
-        shape, plan_line = self.task.network_layout(cfg, self.cache, self.device)
+        recorded = None
+        if self.resume and cfg.dims == 3:  # keep the resumed run's 3D plan (checked against the checkpoint below)
+            recorded = read_checkpoint(self.run_dir / "latest.pt").state.get("meta")
+        shape, plan_line = self.task.network_layout(cfg, self.cache, self.device, recorded)
         if plan_line:
             self._say(plan_line)
         self.meta = ModelMeta(

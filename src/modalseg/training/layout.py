@@ -75,9 +75,17 @@ def median_geometry(cache: SliceCache, positions: Sequence[int] | None = None) -
 
 
 def network_fields(cfg: TrainConfig, cache: SliceCache, *, model: str, num_modalities: int, num_classes: int,
-                   device: torch.device | str | None = None) -> tuple[dict[str, Any], str | None]:
+                   device: torch.device | str | None = None, recorded: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, Any], str | None]:
     """``ModelMeta`` fields of the network for ``cfg``'s layout, and the line that says what was planned (None in
-    2D). 2D: nothing (the description older releases wrote)."""
+    2D). 2D: nothing (the description older releases wrote). ``recorded``: the description of the checkpoint a run
+    resumes; a 3D run keeps its plan (the default memory budget follows the device, so planning again on another
+    GPU could change the network under the saved weights)."""
+    if cfg.dims == 3 and recorded and recorded.get("patch_size") and recorded.get("model") == model:
+        patch = list(recorded["patch_size"])
+        options = dict(recorded.get("model_options") or {})
+        return ({"model_options": options, "patch_size": patch},
+                f"3D plan: patch {'x'.join(map(str, patch))} as recorded in the checkpoint (resume)")
     if cfg.dims == 2:
         k = int(cfg.context_slices)
         if not k:

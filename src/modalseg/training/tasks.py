@@ -376,12 +376,14 @@ class Task:
         requires. Empty without dropout, so the description stays what older releases wrote."""
         return {}
 
-    def network_layout(self, cfg: TrainConfig, cache: SliceCache, device: Any = None
-                       ) -> tuple[dict[str, Any], str | None]:
+    def network_layout(self, cfg: TrainConfig, cache: SliceCache, device: Any = None,
+                       recorded: dict[str, Any] | None = None) -> tuple[dict[str, Any], str | None]:
         """:class:`ModelMeta` fields of the sample layout (2.5D channels, the 3D plan; training/layout.py) and
-        the line that reports a 3D plan (after :meth:`model_modalities`; nothing in 2D)."""
+        the line that reports a 3D plan (after :meth:`model_modalities`; nothing in 2D). ``recorded``: the
+        resumed checkpoint's model description, whose 3D plan is kept."""
         fields, line = layout.network_fields(cfg, cache, model=cfg.model, num_modalities=len(self.modalities),
-                                             num_classes=len(self.spec.output_labels), device=device)
+                                             num_classes=len(self.spec.output_labels), device=device,
+                                             recorded=recorded)
         self.context = int(fields.get("context_slices", 0))
         self.patch_size = fields.get("patch_size")
         self.probe_patch = layout.probe_patch(fields) if self.patch_size else None
