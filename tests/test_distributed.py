@@ -61,17 +61,19 @@ def test_torchrun_two_processes_equal_single_process(breast_dataset, tmp_path):
 
 
 def test_torchrun_3d_patches_two_processes_equal_single_process(tmp_path):
-    """3D (dims 3, planned patches): two gloo processes with the same global batch of patches end where one process
-    ends. Outputs compared (Adam turns float-summation noise into ~1e-4 weight differences, see the 2D test)."""
+    """3D (dims 3, planned patches): two gloo processes with the same global batch of patches take the step one
+    process takes. Compared after one step, before Adam amplifies float-summation noise (its first step moves every
+    weight by about lr whatever the gradient's size): measured, 46 of 100,954 weights differ, by at most 1.8e-6;
+    a different batch would move nearly every weight differently, by ~1e-4."""
     from modalseg.data.synth import make_breast_dataset_3d
 
     data = make_breast_dataset_3d(tmp_path / "b3", num_patients=6, size=16, seed=7)
     common = ["train", "--data", str(data), "--model", "unet", "--seed", "7", "--epochs", "1",
-              "--set", "dims=3", "--set", "steps_per_epoch=3", "--set", "batch_size=4", "--set", "folds=3",
+              "--set", "dims=3", "--set", "max_steps=1", "--set", "batch_size=4", "--set", "folds=3",
               "--set", "model_options={base_width: 4, norm: group}",
               "--set", "preprocess_options={target_size: [16, 16]}",
               "--set", "precision=fp32", "--set", "progress=false", "--set", "tensorboard=false",
-              "--set", "num_threads=1", "--set", "foreground_fraction=0", "--set", "augmentation=off"]
+              "--set", "num_threads=1", "--set", "foreground_fraction=0.5", "--set", "augmentation=medium"]
     assert main([*common, "--output", str(tmp_path / "single")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -80,16 +82,13 @@ def test_torchrun_3d_patches_two_processes_equal_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = load_checkpoint(tmp_path / "single" / "fold_0" / "latest.pt")
     ddp = load_checkpoint(tmp_path / "ddp" / "fold_0" / "latest.pt")
-    assert single["global_step"] == ddp["global_step"] == 3
+    assert single["global_step"] == ddp["global_step"] == 1
     assert single["meta"] == ddp["meta"] and single["meta"]["patch_size"]
-    nets = []
-    for state in (single, ddp):
-        net = build_network(ModelMeta.from_dict(state["meta"]))
-        net.load_state_dict(state["model_state"])
-        nets.append(net.eval())
-    x = torch.randn(1, 1, *single["meta"]["patch_size"], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(nets[1](x), nets[0](x), rtol=1e-3, atol=1e-3)
-    largest_difference = max(float((a - b).abs().max()) for a, b in zip(
-        single["model_state"].values(), ddp["model_state"].values(), strict=True) if a.is_floating_point())
-    assert largest_difference < 1e-3
+    total = differing = 0
+    for key, a in single["model_state"].items():
+        if a.is_floating_point():
+            diff = (a - ddp["model_state"][key]).abs()
+            total += a.numel()
+            differing += int((diff > 1e-7).sum())
+            assert float(diff.max()) < 1e-5, key
+    assert differing < 0.01 * total
