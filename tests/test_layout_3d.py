@@ -380,3 +380,16 @@ def test_a_resumed_3d_run_keeps_its_plan_when_the_budget_would_plan_another(brea
     assert resumed.meta.to_dict() == first.meta.to_dict()
     resumed.fit()
     assert resumed.global_step == 2
+
+
+def test_the_plan_line_warns_when_the_batch_is_over_the_memory_budget(breast3d: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    Trainer(cfg3d(breast3d, tmp_path / "a", batch_size=2, memory_budget_mb=1000))
+    line = capsys.readouterr().out
+    two = float(re.search(r"~(\d+) MB for batch 2 of a 1000 MB budget", line).group(1))
+    assert "over budget" not in line
+    budget = max(2 * two, 1.0)  # two patches fit, twenty do not
+    Trainer(cfg3d(breast3d, tmp_path / "b", batch_size=20, memory_budget_mb=budget))
+    assert "over budget: lower batch_size or raise memory_budget_mb" in capsys.readouterr().out

@@ -114,8 +114,15 @@ def network_fields(cfg: TrainConfig, cache: SliceCache, *, model: str, num_modal
     model_options = {**cfg.model_options, "spatial_dims": 3, "base_width": plan.base_width, "depth": len(strides),
                      "kernel_sizes": [list(k) for k in kernels], "strides": [list(s) for s in strides]}
     spacing_text = " x ".join(f"{v:g}" for v in spacing)
-    memory = (f"~{plan.memory_mb:.0f} MB for {plan.batch_size} patches of a {budget:.0f} MB budget"
-              if cfg.patch_size is None else "patch_size given, memory not planned")
+    if cfg.patch_size is not None:
+        memory = "patch_size given, memory not planned"
+    else:
+        batch = int(cfg.batch_size or 2)
+        # the plan's estimate for its own batch, scaled to the run's (an upper bound: the weights do not scale)
+        estimate = plan.memory_mb * batch / plan.batch_size
+        memory = f"~{estimate:.0f} MB for batch {batch} of a {budget:.0f} MB budget"
+        if estimate > budget:
+            memory += " (over budget: lower batch_size or raise memory_budget_mb)"
     thick = [float(c.spacing[0]) for c in cache.cases]
     varies = (f"; note: slice thickness varies {min(thick):g}-{max(thick):g} mm across cases, so patches differ in "
               "physical depth (preprocess_options slice_thickness_mm resamples them to one)"
