@@ -13,6 +13,19 @@ from modalseg.training.checkpoint import load_checkpoint
 from modalseg.training.tasks import ModelMeta, build_network
 
 
+def single_and_torchrun(common: list[str], tmp_path) -> tuple[dict, dict]:
+    """Train ``common`` in this process (``tmp_path/single``) and under torchrun with two gloo processes
+    (``tmp_path/ddp``); the two ``latest.pt`` states."""
+    assert main([*common, "--output", str(tmp_path / "single")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "modalseg.cli.main", *common, "--output", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (load_checkpoint(tmp_path / "single" / "fold_0" / "latest.pt"),
+            load_checkpoint(tmp_path / "ddp" / "fold_0" / "latest.pt"))
+
+
 def test_torchrun_two_processes_equal_single_process(breast_dataset, tmp_path):
     # Per-image normalisation (GroupNorm): plain BatchNorm would use per-rank batch statistics under DDP on CPU.
     common = ["train", "--data", str(breast_dataset), "--model", "unet", "--seed", "7", "--epochs", "2",
@@ -23,14 +36,7 @@ def test_torchrun_two_processes_equal_single_process(breast_dataset, tmp_path):
               # DDP arithmetic, not augmentation: with it both ranks see the same data bit for bit
               # (tests/test_augment.py), but Adam turns float-summation noise into 1e-4 differences
               "--set", "augmentation=off"]
-    assert main([*common, "--output", str(tmp_path / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "modalseg.cli.main", *common, "--output", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = load_checkpoint(tmp_path / "single" / "fold_0" / "latest.pt")
-    ddp = load_checkpoint(tmp_path / "ddp" / "fold_0" / "latest.pt")
+    single, ddp = single_and_torchrun(common, tmp_path)
     assert single["global_step"] == ddp["global_step"] > 0
     nets = []
     for state in (single, ddp):
@@ -74,14 +80,7 @@ def test_torchrun_3d_patches_two_processes_equal_single_process(tmp_path):
               "--set", "preprocess_options={target_size: [16, 16]}",
               "--set", "precision=fp32", "--set", "progress=false", "--set", "tensorboard=false",
               "--set", "num_threads=1", "--set", "foreground_fraction=0.5", "--set", "augmentation=medium"]
-    assert main([*common, "--output", str(tmp_path / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "modalseg.cli.main", *common, "--output", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    single = load_checkpoint(tmp_path / "single" / "fold_0" / "latest.pt")
-    ddp = load_checkpoint(tmp_path / "ddp" / "fold_0" / "latest.pt")
+    single, ddp = single_and_torchrun(common, tmp_path)
     assert single["global_step"] == ddp["global_step"] == 1
     assert single["meta"] == ddp["meta"] and single["meta"]["patch_size"]
     total = differing = 0
