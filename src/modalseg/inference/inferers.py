@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from modalseg.training.precision import Precision
 
 __all__ = ["DEFAULT_PIXELS_PER_BATCH", "ContextSliceInferer", "Inferer", "SlidingWindowInferer", "SliceInferer",
-           "ensemble_probabilities", "inferer_for", "input_size_rule", "predict_probabilities", "slices_per_batch",
-           "with_context"]
+           "ensemble_probabilities", "inferer_for", "input_size_rule", "layout_inferer", "predict_probabilities",
+           "slices_per_batch", "with_context"]
 
 class Inferer(Protocol):
     """One volume's slice stack ``(N, C, H, W)`` -> probabilities ``(N, K, H, W)`` through ``backend``."""
@@ -172,17 +172,22 @@ class SlidingWindowInferer:
         return np.ascontiguousarray(np.moveaxis(probs[0].float().numpy(), 1, 0))  # (D, K, H, W)
 
 
-def inferer_for(meta: object, batch_size: int = 8, *, overlap: float = 0.5) -> Inferer:
-    """The inferer a trained model needs, from its description (``ModelMeta``): sliding windows of
-    ``meta.patch_size`` for a 3D network, neighbours as channels for a 2.5D one (``meta.context_slices``), else
-    batched slices."""
-    patch = getattr(meta, "patch_size", None)
-    if patch:
-        return SlidingWindowInferer(patch, overlap=overlap, batch_size=max(1, min(int(batch_size), 2)))
-    context = int(getattr(meta, "context_slices", 0) or 0)
-    if context:
-        return ContextSliceInferer(context, SliceInferer(batch_size))
+def layout_inferer(patch_size: Sequence[int] | None, context_slices: int = 0, batch_size: int = 8, *,
+                   overlap: float = 0.5) -> Inferer:
+    """The inferer of a network layout: sliding windows of ``patch_size`` (3D), neighbours as channels
+    (``context_slices``, 2.5D), else batched slices."""
+    if patch_size:
+        return SlidingWindowInferer(patch_size, overlap=overlap, batch_size=max(1, min(int(batch_size), 2)))
+    if context_slices:
+        return ContextSliceInferer(int(context_slices), SliceInferer(batch_size))
     return SliceInferer(batch_size)
+
+
+def inferer_for(meta: object, batch_size: int = 8, *, overlap: float = 0.5) -> Inferer:
+    """The inferer a trained model needs, from its description (``ModelMeta``: ``patch_size``, ``context_slices``;
+    :func:`layout_inferer`)."""
+    return layout_inferer(getattr(meta, "patch_size", None), int(getattr(meta, "context_slices", 0) or 0),
+                          batch_size, overlap=overlap)
 
 
 def predict_probabilities(

@@ -11,8 +11,8 @@ sees the difference:
   and foreground oversampling of 2D training; zeros beyond the volume), transforms it as a 3D sample (so intensity
   augmentation treats a modality's neighbours alike) and folds the depth into the channels; 3D reads
   :class:`~modalseg.data.patches.PatchSampler` patches (pure in seed, step and rank: exact resume, DDP);
-* **validation**: whole cached volumes through the model's inferer (:func:`~modalseg.inference.inferers.
-  inferer_for`: sliding windows in 3D, neighbours as channels in 2.5D), then the requested slices, so the
+* **validation**: whole cached volumes through the layout's inferer (:func:`~modalseg.inference.inferers.
+  layout_inferer`: sliding windows in 3D, neighbours as channels in 2.5D), then the requested slices, so the
   metrics see slices as in 2D.
 
 Requirements: 2.5D and 3D need every slice of a case cached (not the ``paper1`` preset).
@@ -29,11 +29,11 @@ import torch
 
 from modalseg.data.patches import PatchRef
 from modalseg.errors import ConfigError
-from modalseg.inference.inferers import inferer_for
 
 if TYPE_CHECKING:
     from modalseg.data.cache import SliceCache
     from modalseg.inference.backends import Backend
+    from modalseg.inference.inferers import Inferer
     from modalseg.training.config import TrainConfig
 
 #: the planner's budget on CPU when ``memory_budget_mb`` is not given (a GPU gets 70% of its memory)
@@ -196,12 +196,11 @@ def probe_refs(cache: SliceCache, positions: Sequence[int], patch: Sequence[int]
     return refs
 
 
-def predict_slices(cache: SliceCache, meta_like: Any, backend: Backend, indices: np.ndarray,
-                   channels: Sequence[int] | None, modality: int | None, batch_size: int = 8) -> np.ndarray:
+def predict_slices(cache: SliceCache, inferer: Inferer, backend: Backend, indices: np.ndarray,
+                   channels: Sequence[int] | None, modality: int | None) -> np.ndarray:
     """Probabilities ``(len(indices), K, H, W)`` of cached slices ``indices`` from whole-volume inference: each case
-    they belong to goes through the model's inferer once (sliding windows in 3D, neighbours in 2.5D), and the
+    they belong to goes through the layout's ``inferer`` once (sliding windows in 3D, neighbours in 2.5D), and the
     requested slices are taken from its result."""
-    inferer = inferer_for(meta_like, batch_size)
     where = [cache.slice_position(int(i)) for i in indices]
     out: np.ndarray | None = None
     for case in dict.fromkeys(c for c, _ in where):

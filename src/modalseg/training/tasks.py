@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -49,6 +48,7 @@ from modalseg.data.sampling import EpochBatchSampler, UnpairedBatchSampler
 from modalseg.data.transforms import stream_key
 from modalseg.data.types import IGNORE_INDEX, DatasetSpec
 from modalseg.errors import ConfigError
+from modalseg.inference.inferers import layout_inferer
 from modalseg.losses.affinity import CSA_READINGS, affinity_loss, check_pairable, class_affinity, csa_loss
 from modalseg.losses.dice_ce import DiceCELoss
 from modalseg.losses.ignore import masked_cross_entropy, one_hot_valid, valid_mask
@@ -423,17 +423,32 @@ class Task:
         """Probabilities ``(N, K, H, W)`` of the validation (or training) slices ``indices`` of ``group``: batched
         slices in 2D; whole cached volumes through the layout's inferer in 2.5D and 3D (training/layout.py)."""
         if not self.layered:
-            from modalseg.inference.inferers import SliceInferer
-
             images, modality = self.inputs(group, indices)
-            return SliceInferer(batch_size)(backend, images, modality)
-        channels, modality = self._volume_inputs(group)
-        shape = types.SimpleNamespace(patch_size=self.patch_size, context_slices=self.context)
-        return layout.predict_slices(self._cache(), shape, backend, indices, channels, modality, batch_size)
+            return layout_inferer(None, 0, batch_size)(backend, images, modality)
+        channels, modality = self._group_inputs(group)
+        inferer = layout_inferer(self.patch_size, self.context, batch_size)
+        return layout.predict_slices(self._cache(), inferer, backend, indices, channels, modality)
 
-    def _volume_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
-        """The cached channels a group's volumes are read with and the ``modality`` argument of the network."""
+    def _group_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
+        """The cached channels a group is read with (None: all) and the network's ``modality`` argument."""
         raise NotImplementedError
+
+    def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
+        """The network's input slices for ``indices`` of ``group`` and the ``modality`` argument to call it with."""
+        channels, modality = self._group_inputs(group)
+        return self._slice_inputs(indices, channels), modality
+
+    def _probe_batch(self, batch_size: int, channels: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``batch_size`` training-like samples of the layout (slices, 2.5D stacks or small 3D patches)."""
+        cache = self._cache()
+        count = min(len(cache), batch_size)
+        if self.patch_size:
+            return self._layered_batch(layout.probe_refs(cache, range(cache.num_cases), self.probe_patch, count),
+                                       channels)
+        if self.context:
+            return self._finish(*self._layered_batch(cache.slice_refs(np.arange(count)), channels))
+        x, y = cache.get_batch(np.arange(count))
+        return (x if channels is None else x[:, channels]), y
 
     def _slice_inputs(self, indices: np.ndarray, channels: list[int] | None) -> np.ndarray:
         """Network inputs of cached slices ``indices``: the slices (2D), or with their neighbours folded into the
@@ -500,10 +515,6 @@ class Task:
 
     def groups(self, which: str = "val") -> dict[str, np.ndarray]:
         """Validation grouping: ``{group: sorted cache indices}`` of the fold's ``val`` or ``train`` slices."""
-        raise NotImplementedError
-
-    def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
-        """The network's input slices for ``indices`` of ``group`` and the ``modality`` argument to call it with."""
         raise NotImplementedError
 
     def _cache(self) -> SliceCache:
@@ -580,13 +591,12 @@ class PairedTask(Task):
             self.patches = self._patch_sampler(cfg, positions, rank, world_size)
             self.steps_per_epoch = cfg.steps_per_epoch or layout.steps_per_epoch_3d(cache, positions, self.patch_size,
                                                                                     cfg.batch_size)
-        # 2D (and 2.5D) training reads depth-1 patches of the cached volumes, in the slice order of EpochBatchSampler
-        self.sampler = SlicePatchSampler(cache, EpochBatchSampler(
-            self.train_idx, cfg.batch_size // world_size, shuffle=True, seed=cfg.seed, drop_last=True,
-            rank=rank, world_size=world_size, foreground=foreground,
-            foreground_fraction=cfg.foreground_fraction or 0.0,
-        ))
-        if self.patches is None:
+        else:  # 2D (and 2.5D) reads depth-1 patches of the cached volumes, in the slice order of EpochBatchSampler
+            self.sampler = SlicePatchSampler(cache, EpochBatchSampler(
+                self.train_idx, cfg.batch_size // world_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                rank=rank, world_size=world_size, foreground=foreground,
+                foreground_fraction=cfg.foreground_fraction or 0.0,
+            ))
             self.steps_per_epoch = self.sampler.num_batches(0)
         if self.steps_per_epoch < 1:
             raise ConfigError(f"fold {cfg.fold} has {len(self.train_idx)} training slices, fewer than one batch")
@@ -617,23 +627,12 @@ class PairedTask(Task):
             yield TrainBatch((precision.to_input(x), y.to(precision.device)), len(refs))
 
     def probe_example(self, batch_size: int) -> tuple[Any, ...]:
-        cache = self._cache()
-        count = min(len(cache), batch_size)
-        if self.patch_size:
-            return self._layered_batch(layout.probe_refs(cache, range(cache.num_cases), self.probe_patch, count),
-                                       self.channel_index)
-        if self.context:
-            return self._finish(*self._layered_batch(cache.slice_refs(np.arange(count)), self.channel_index))
-        x, y = cache.get_batch(np.arange(count))
-        return x[:, self.channel_index], y
+        return self._probe_batch(batch_size, self.channel_index)
 
     def groups(self, which: str = "val") -> dict[str, np.ndarray]:
         return {"all": np.sort(self.val_idx if which == "val" else self.train_idx)}
 
-    def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
-        return self._slice_inputs(indices, self.channel_index), None
-
-    def _volume_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
+    def _group_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
         return self.channel_index, None
 
 
@@ -703,10 +702,6 @@ class UnpairedTask(Task):
         for m, idx in self.train_idx_by_mod.items():
             if len(idx) == 0:
                 raise ConfigError(f"no training slices of modality {m} in fold {cfg.fold}")
-        self.sampler = UnpairedSlicePatchSampler(cache, UnpairedBatchSampler(
-            self.train_idx_by_mod, cfg.batch_size // world_size, seed=cfg.seed, rank=rank, world_size=world_size))
-        largest = max(len(v) for v in self.train_idx_by_mod.values())
-        self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
         self.patches_by_mod: dict[str, PatchSampler] = {}
         if self.patch_size:  # 3D: one patch stream per modality (its own cases, its own draws)
             positions = {m: cache.positions(train_cases, modality=m) for m in self.modalities}
@@ -714,6 +709,12 @@ class UnpairedTask(Task):
                                    for m in self.modalities}
             self.steps_per_epoch = cfg.steps_per_epoch or max(
                 layout.steps_per_epoch_3d(cache, pos, self.patch_size, cfg.batch_size) for pos in positions.values())
+        else:
+            self.sampler = UnpairedSlicePatchSampler(cache, UnpairedBatchSampler(
+                self.train_idx_by_mod, cfg.batch_size // world_size, seed=cfg.seed, rank=rank,
+                world_size=world_size))
+            largest = max(len(v) for v in self.train_idx_by_mod.values())
+            self.steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(largest / cfg.batch_size))
         # one stream per modality: sample j of modality m's global batch draws independently of modality n's
         self.transforms_by_mod = {m: self.random_transforms(cfg, key=f":{m}") for m in self.modalities}
         self.first_index = rank * (cfg.batch_size // world_size)
@@ -749,24 +750,14 @@ class UnpairedTask(Task):
             yield TrainBatch((xs, ys), sum(len(v) for v in batch.values()))
 
     def probe_example(self, batch_size: int) -> tuple[Any, ...]:
-        cache = self._cache()
-        count = min(len(cache), batch_size)
-        if self.patch_size:
-            x, y = self._layered_batch(layout.probe_refs(cache, range(cache.num_cases), self.probe_patch, count))
-        elif self.context:
-            x, y = self._finish(*self._layered_batch(cache.slice_refs(np.arange(count))))
-        else:
-            x, y = cache.get_batch(np.arange(count))
+        x, y = self._probe_batch(batch_size, None)
         return [x] * len(self.modalities), [y] * len(self.modalities)
 
     def groups(self, which: str = "val") -> dict[str, np.ndarray]:
         by_mod = self.val_idx_by_mod if which == "val" else self.train_idx_by_mod
         return {m: np.sort(idx) for m, idx in by_mod.items()}
 
-    def inputs(self, group: str, indices: np.ndarray) -> tuple[np.ndarray, int | None]:
-        return self._slice_inputs(indices, None), self.modalities.index(group)
-
-    def _volume_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
+    def _group_inputs(self, group: str) -> tuple[list[int] | None, int | None]:
         return None, self.modalities.index(group)
 
 
