@@ -35,7 +35,7 @@ from modalseg.data.types import DatasetSpec
 from modalseg.errors import CheckpointError, ConfigError, TrainingError
 from modalseg.inference.backends import TorchBackend
 from modalseg.training.callbacks import Callback, EpochEnd, default_callbacks
-from modalseg.training.checkpoint import first_non_finite, read_checkpoint, save_checkpoint
+from modalseg.training.checkpoint import TrainedCheckpoint, first_non_finite, read_checkpoint, save_checkpoint
 from modalseg.training.config import TrainConfig
 from modalseg.training.distributed import DistInfo, barrier, init_distributed
 from modalseg.training.inference import input_size_rule, score_groups
@@ -175,6 +175,7 @@ class Trainer:
             torch.set_num_threads(cfg.num_threads)
         self.run_dir = Path(cfg.output) / ("fold_all" if cfg.train_all else f"fold_{cfg.fold}")
         self.resume, self.overwrite = resume, overwrite
+        self._latest: TrainedCheckpoint | None = None  # latest.pt of a resumed run, read once
         self._check_run_folder()  # before any cache is built: a refused run costs nothing
         self.spec = load_dataset(cfg.data, cfg.layout)
         for warning in self.spec.warnings:
@@ -227,9 +228,8 @@ class Trainer:
         seed_everything(cfg.seed)
         modalities = self.task.model_modalities(cfg)
         # 2.5D channels or the 3D plan (kernels, poolings, patch) of this data; nothing in 2D
-        recorded = None
-        if self.resume and cfg.dims == 3:  # keep the resumed run's 3D plan (checked against the checkpoint below)
-            recorded = read_checkpoint(self.run_dir / "latest.pt").state.get("meta")
+        # a resumed 3D run keeps its recorded plan (the checkpoint is read once, here, and checked in _resume)
+        recorded = self._resumed_checkpoint().state.get("meta") if self.resume and cfg.dims == 3 else None
         shape, plan_line = self.task.network_layout(cfg, self.cache, self.device, recorded)
         if plan_line:
             self._say(plan_line)
@@ -354,9 +354,16 @@ class Trainer:
                 "checkpoint is kept; lower lr or check the inputs", self.run_dir / name)
         save_checkpoint(self._state(), self.run_dir / name)
 
+    def _resumed_checkpoint(self) -> TrainedCheckpoint:
+        """``latest.pt`` of the run being resumed, read once (a 3D plan needs it before the model is built)."""
+        if self._latest is None:
+            self._latest = read_checkpoint(self.run_dir / "latest.pt")
+        return self._latest
+
     def _resume(self) -> None:
         path = self.run_dir / "latest.pt"
-        checkpoint = read_checkpoint(path)
+        checkpoint = self._resumed_checkpoint()
+        self._latest = None  # the weights and states are loaded below; do not keep a second copy
         state = checkpoint.state
         if state.get("meta") != self.meta.to_dict():
             theirs = checkpoint.meta.describe()
