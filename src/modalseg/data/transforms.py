@@ -243,6 +243,19 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return i0, np.minimum(i0 + 1, n_in - 1), np.float32(1) - frac, frac
 
 
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """Source indices of ``nearest-exact`` along one axis: ``floor((i + 0.5) * n_in / n_out)`` in float32, never past
+    the last entry."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.int64),
+                      n_in - 1)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
+    """``a * w0 + b * w1`` as torch's CPU kernel rounds it (the second product in float32), to float32."""
+    return (a.astype(np.float64) * w0 + (b * w1).astype(np.float64)).astype(np.float32)
+
+
 def _resize_numpy(array: np.ndarray, size: Sequence[int], *, is_label: bool) -> np.ndarray:
     """:func:`_resize` where torch is not installed (the exported-model runtime): the same sampling, width then
     height as torch's separable kernel; labels equal, images within a few float32 rounding steps of torch's."""
@@ -250,21 +263,14 @@ def _resize_numpy(array: np.ndarray, size: Sequence[int], *, is_label: bool) -> 
     h, w = array.shape[-2:]
     out_h, out_w = int(size[0]), int(size[1])
     x = np.ascontiguousarray(array).reshape((-1, h, w))
-    if is_label:  # nearest-exact: source index floor((i + 0.5) * scale), never past the last pixel
-        rows = np.minimum(np.floor((np.arange(out_h, dtype=np.float32) + np.float32(0.5))
-                                   * (np.float32(h) / np.float32(out_h))).astype(np.int64), h - 1)
-        cols = np.minimum(np.floor((np.arange(out_w, dtype=np.float32) + np.float32(0.5))
-                                   * (np.float32(w) / np.float32(out_w))).astype(np.int64), w - 1)
+    if is_label:  # nearest-exact, rows and columns
+        rows, cols = _nearest_index(h, out_h), _nearest_index(w, out_w)
         return x[:, rows][:, :, cols].reshape(lead + (out_h, out_w)).astype(array.dtype)
-
-    def lerp(a: np.ndarray, b: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
-        return (a.astype(np.float64) * w0 + (b * w1).astype(np.float64)).astype(np.float32)
-
     x = x.astype(np.float32, copy=False)
     c0, c1, cw0, cw1 = _linear_taps(w, out_w)
     r0, r1, rw0, rw1 = _linear_taps(h, out_h)
-    cols = lerp(x[:, :, c0], x[:, :, c1], cw0, cw1)
-    out = lerp(cols[:, r0], cols[:, r1], rw0[:, None], rw1[:, None])
+    cols = _lerp(x[:, :, c0], x[:, :, c1], cw0, cw1)
+    out = _lerp(cols[:, r0], cols[:, r1], rw0[:, None], rw1[:, None])
     return out.reshape(lead + (out_h, out_w)).astype(array.dtype, copy=False)
 
 
@@ -538,15 +544,13 @@ def _along_depth(arr: np.ndarray, axis: int, n_out: int, is_label: bool) -> np.n
     if n_in == n_out:
         return arr
     if is_label:
-        idx = np.minimum(np.floor((np.arange(n_out, dtype=np.float32) + np.float32(0.5))
-                                  * (np.float32(n_in) / np.float32(n_out))).astype(np.int64), n_in - 1)
-        return np.take(arr, idx, axis=axis)
+        return np.take(arr, _nearest_index(n_in, n_out), axis=axis)
     i0, i1, w0, w1 = _linear_taps(n_in, n_out)
     shape = [1] * arr.ndim
     shape[axis] = n_out
-    a = np.take(arr, i0, axis=axis).astype(np.float64)
-    b = np.take(arr, i1, axis=axis).astype(np.float64)
-    return (a * w0.reshape(shape) + b * w1.reshape(shape)).astype(np.float32)
+    a = np.take(arr, i0, axis=axis).astype(np.float32, copy=False)
+    b = np.take(arr, i1, axis=axis).astype(np.float32, copy=False)
+    return _lerp(a, b, w0.reshape(shape), w1.reshape(shape))
 
 
 class ResampleSlices(InvertibleTransform):
