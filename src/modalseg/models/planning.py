@@ -340,6 +340,12 @@ def _shrink_axis(patch: Sequence[int], median: Sequence[int], divisor: Sequence[
     return best
 
 
+def has_planned_topology(model: str) -> bool:
+    """Whether ``model``'s kernels and poolings are per-level options the planner chooses (the paper-1 U-Net
+    family); FuseNet and the dilated FCN have fixed topologies."""
+    return "strides" in builder_options(model) and model_card(model).family == "fusion_unet"
+
+
 def plan_3d(
     spacing_mm: Sequence[float],
     median_shape: Sequence[int],
@@ -364,7 +370,7 @@ def plan_3d(
     See the module docstring for the rules.
     """
     card = model_card(model)
-    if "strides" not in builder_options(model) or card.family != "fusion_unet":
+    if not has_planned_topology(model):
         raise ConfigError(
             f"plan_3d: model {model} has a fixed topology (no per-level kernel_sizes/strides); plan a U-Net-family "
             "model (unet, unet_sa, fuse_unet, master_assistant, ...)"

@@ -91,11 +91,10 @@ def network_fields(cfg: TrainConfig, cache: SliceCache, *, model: str, num_modal
         if not k:
             return {}, None
         return {"in_channels": 2 * k + 1, "context_slices": k}, None
-    from modalseg.models.planning import divisibility, plan_3d, plan_topology
-    from modalseg.models.registry import builder_options, model_card
+    from modalseg.models.planning import divisibility, has_planned_topology, plan_3d, plan_topology
 
     spacing, median = median_geometry(cache)
-    if "strides" not in builder_options(model) or model_card(model).family != "fusion_unet":  # as plan_3d
+    if not has_planned_topology(model):
         return _fixed_topology_fields(cfg, model, median)
     options = dict(cfg.model_options)
     width = options.pop("base_width", None)
