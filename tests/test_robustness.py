@@ -141,7 +141,7 @@ def test_removing_a_modality_zeroes_its_channel_and_keeps_the_others(runs, breas
             batches.append(batch.copy())
             return super().__call__(backend, batch, branch)
 
-    monkeypatch.setattr(robustness_module, "SliceInferer", Spy)
+    monkeypatch.setattr(robustness_module, "inferer_for", lambda meta, batch_size: Spy(batch_size))
     code, _, err = robustness(capsys, runs["plain"], breast_dataset, tmp_path / "rob")
     assert code == 0, err
     rows = read_csv(tmp_path / "rob" / "robustness.csv")
@@ -222,3 +222,19 @@ def test_the_measurement_scripts_run_end_to_end(capsys):
     assert aug["difference"] == [aug["dice"]["medium"][0] - aug["dice"]["off"][0]]
     text = capsys.readouterr().out
     assert "command: " in text and "budget: " in text
+
+
+def test_a_3d_model_is_evaluated_with_its_sliding_windows(tmp_path, capsys):
+    """The robustness table predicts with the model's own inferer: a 3D checkpoint through sliding windows (a slice
+    inferer fed its slices to a 3D network as if they were channels). The "none" row scores the whole volumes."""
+    from modalseg.data.synth import make_breast_dataset_3d
+
+    data = make_breast_dataset_3d(tmp_path / "b3", num_patients=4, size=16, seed=3)
+    trainer = Trainer(cfg_for(data, tmp_path / "run3d", dims=3, steps_per_epoch=1, max_steps=1,
+                              preprocess_options={"target_size": [16, 16]}))
+    trainer.fit()
+    code, out, err = robustness(capsys, tmp_path / "run3d", data, tmp_path / "rob3d")
+    assert code == 0, err
+    rows = read_csv(tmp_path / "rob3d" / "robustness.csv")
+    assert [r["removed"] for r in rows] == ["none", "T1C", "T2W"]
+    assert all(int(r["n_cases"]) == 2 for r in rows)

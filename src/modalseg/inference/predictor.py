@@ -192,11 +192,12 @@ class Predictor:
     def precision(self) -> Precision | None:
         return self.models[0].precision
 
-    def input_names(self, modality: str | None = None, missing: Sequence[str] | None = None) -> list[str]:
+    def input_names(self, modality: str | None = None, missing: Sequence[str] | None = None, *,
+                    trained_only: bool = True) -> list[str]:
         """The modalities :meth:`predict` expects, in order (paired: the model's channels but ``missing``;
         unpaired: one)."""
         if self.meta.kind == "paired":
-            absent = check_missing(self.meta, missing)
+            absent = check_missing(self.meta, missing, trained_only=trained_only)
             return [m for m in self.meta.modalities if m not in absent]
         check_missing(self.meta, missing)  # refuses: unpaired models read one modality
         return [self.choose_modality(modality)]
@@ -234,19 +235,21 @@ class Predictor:
 
     def predict(
         self, volumes: Sequence[Volume], *, modality: str | None = None, strict: bool = False,
-        case: str | None = None, missing: Sequence[str] | None = None,
+        case: str | None = None, missing: Sequence[str] | None = None, trained_only: bool = True,
     ) -> Prediction:
         """Labels and probabilities for one case: ``volumes`` in the order of :meth:`input_names`.
 
         Assistant modalities are put on the first volume's grid (one printed line each, naming ``case``;
         ``strict`` refuses instead); NaN/inf or constant images and non-finite probabilities are refused.
         ``missing``: modalities not given (a model trained with modality dropout only; others refuse in one
-        line), each fed as a channel of zeros after normalisation, as training dropped it.
+        line), each fed as a channel of zeros after normalisation, as training dropped it. ``trained_only=False``
+        feeds the zeros to a model not trained for them too (a measurement: the robustness table; never predict).
         """
         meta = self.meta
         first_path = volumes[0].path if volumes and volumes[0].path is not None else None
-        absent = check_missing(meta, missing)
-        names = self.input_names(modality, absent) if meta.kind == "paired" else [modality or "image"]
+        absent = check_missing(meta, missing, trained_only=trained_only)
+        names = (self.input_names(modality, absent, trained_only=trained_only) if meta.kind == "paired"
+                 else [modality or "image"])
         if absent and len(volumes) != len(names):
             raise DataError(f"{len(volumes)} volume(s) given for the {len(names)} modalities present "
                             f"({', '.join(names)}; missing {', '.join(absent)})", first_path)

@@ -128,11 +128,12 @@ class ModelMeta:
         return f"({what}, {outputs}, modalities {', '.join(self.modalities)})"
 
 
-def check_missing(meta: ModelMeta, missing: Sequence[str] | None) -> list[str]:
+def check_missing(meta: ModelMeta, missing: Sequence[str] | None, *, trained_only: bool = True) -> list[str]:
     """``missing`` (modality names, case-insensitive) in the model's channel order, if the model may predict
     without them: a paired model trained with modality dropout that dropped each of them, and one modality left.
     Else one ConfigError line saying why (a model trained without dropout never saw a blank channel, so its
-    output without one is not to be trusted)."""
+    output without one is not to be trusted). ``trained_only=False`` drops the dropout condition, for measuring
+    what such a model does (the robustness table, which marks those rows); ``predict --missing`` never does."""
     if not missing:
         return []
     by_fold = {m.casefold(): m for m in meta.modalities}
@@ -145,6 +146,16 @@ def check_missing(meta: ModelMeta, missing: Sequence[str] | None) -> list[str]:
     if meta.kind != "paired":
         raise ConfigError("missing modalities apply to paired models (one input per modality); an unpaired model "
                           "reads one modality, chosen with --modality")
+    if trained_only:
+        _check_trained_for(meta, ordered)
+    if len(ordered) == len(meta.modalities):
+        raise ConfigError(f"every modality of the model ({', '.join(meta.modalities)}) is missing; at least one "
+                          "must be given")
+    return ordered
+
+
+def _check_trained_for(meta: ModelMeta, ordered: list[str]) -> None:
+    """Refuse (one line) unless modality dropout dropped each of ``ordered`` in training."""
     dropped = meta.modality_dropout or {}
     if not dropped:
         raise ConfigError(f"this model was not trained with modality dropout, so it cannot predict without "
@@ -155,10 +166,6 @@ def check_missing(meta: ModelMeta, missing: Sequence[str] | None) -> list[str]:
         trained = ", ".join(f"{m} {p:g}" for m, p in dropped.items())
         raise ConfigError(f"this model was trained with {', '.join(never)} always present (modality dropout: "
                           f"{trained}), so it cannot predict without {', '.join(never)}")
-    if len(ordered) == len(meta.modalities):
-        raise ConfigError(f"every modality of the model ({', '.join(meta.modalities)}) is missing; at least one "
-                          "must be given")
-    return ordered
 
 
 def decode_outputs(probs: np.ndarray, meta: ModelMeta, axis: int = 1) -> np.ndarray:

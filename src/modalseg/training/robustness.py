@@ -8,9 +8,10 @@ folder evaluates each fold's model on its own validation cases and pools the cas
 
 How a modality is removed. Exactly as ``predict --missing`` feeds it and as modality dropout trained it: the
 modalities present are preprocessed as always and each removed one is a channel of zeros after normalisation
-(:meth:`modalseg.inference.predictor.Predictor.predict` with ``missing``). The present modalities are first put
-on the master's grid (as the predictor does when the master is given), so the prediction lands on the master's
-grid whatever is removed. The removed modality's file is read only for that grid, never for its intensities.
+(:meth:`modalseg.inference.predictor.Predictor.predict` with ``missing`` and ``trained_only=False``). The
+present modalities are first put on the master's grid (as the predictor does when the master is given), so the
+prediction lands on the master's grid whatever is removed. The removed modality's file is read only for that
+grid, never for its intensities.
 
 Models trained without the removed subset are evaluated too: that is the measurement ("the plain model without
 T2W" is the plain model fed zeros for T2W). ``predict --missing`` refuses such a model, and still does; here each
@@ -32,7 +33,6 @@ class, mean foreground Dice, HD95 per class in mm and how many of its cases were
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -56,7 +56,7 @@ from modalseg.evaluation.metrics import (
     region_masks,
 )
 from modalseg.evaluation.tables import write_table
-from modalseg.inference.inferers import SliceInferer
+from modalseg.inference.inferers import inferer_for
 from modalseg.inference.predictor import LoadedModel, Predictor, load_torch_model
 from modalseg.training.checkpoint import TrainedCheckpoint, find_checkpoints, read_checkpoint
 from modalseg.training.evaluate_folder import LabelScheme, label_scheme
@@ -131,17 +131,6 @@ def trained_for(meta: ModelMeta, subset: Sequence[str]) -> bool:
     except ConfigError:
         return False
     return True
-
-
-def _blank_any_channel(model: LoadedModel) -> LoadedModel:
-    """``model`` with a description that lets :meth:`Predictor.predict` fill any proper subset with zeros.
-
-    Only for this measurement: a model whose ``modality_dropout`` does not list a modality is refused by
-    ``check_missing`` (so by ``predict --missing``); here the same fill is applied to every model, and each row
-    records whether the model was trained for it. The checkpoint and the model's own description are untouched.
-    """
-    every = {m: 1.0 for m in model.meta.modalities}
-    return dataclasses.replace(model, meta=dataclasses.replace(model.meta, modality_dropout=every))
 
 
 # ----------------------------------------------------------------------------------------------- the fold
@@ -304,14 +293,16 @@ def evaluate_robustness(
         models.append(model)
         if log is not None:
             log(f"  fold {fold}: checkpoint {model.describe()}, {len(cases)} validation case(s)")
-        predictor = Predictor([_blank_any_channel(model)], inferer=SliceInferer(batch_size))
+        # the model's own inferer (slices, 2.5D stacks or 3D sliding windows), as predict uses
+        predictor = Predictor([model], inferer=inferer_for(model.meta, batch_size))
         for case in cases:
             images = [case.images[channel_names.index(m)] for m in meta.modalities]
             volumes = [read_volume(p) for p in images]
             gt = read_volume(case.label, kind="label")  # type: ignore[arg-type]
             for subset in chosen:
                 present = _present_on_master_grid(volumes, meta, subset, case.case_id)
-                result = predictor.predict(present, missing=list(subset), case=case.case_id)
+                # zeros for the removed modalities whether or not the model was trained for them (the row says)
+                result = predictor.predict(present, missing=list(subset), case=case.case_id, trained_only=False)
                 metrics = _score(result.labels, result.reference, gt, scheme, case.case_id,
                                  hd95_convention=hd95_convention, empty_dice=empty_dice)
                 per_subset[subset] += metrics
