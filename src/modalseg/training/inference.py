@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from modalseg.inference.backends import TorchBackend
 from modalseg.inference.inferers import (  # noqa: F401  (re-exported)
     DEFAULT_PIXELS_PER_BATCH,
     SliceInferer,
@@ -23,29 +21,6 @@ from modalseg.inference.inferers import (  # noqa: F401  (re-exported)
     predict_probabilities,
     slices_per_batch,
 )
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from modalseg.training.precision import Precision
-
-
-def predict_outputs(
-    model: nn.Module,
-    images: np.ndarray | torch.Tensor,
-    precision: Precision,
-    *,
-    modality: int | None = None,
-    activation: str = "softmax",
-    batch_size: int = 8,
-) -> np.ndarray:
-    """:func:`predict_probabilities` (softmax, the very same call) or, with ``activation="sigmoid"``, the
-    per-region sigmoid probabilities of a region-based model (N, R, H, W)."""
-    if activation == "softmax":
-        return predict_probabilities(model, images, precision, batch_size=batch_size, modality=modality)
-    backend = TorchBackend(model, precision, activation=activation)
-    return SliceInferer(batch_size)(backend, images, modality)
 
 
 def foreground_dice_per_group(
