@@ -15,6 +15,13 @@ Timed per configuration, the configurations interleaved (round 1 runs each once,
   ``modalseg predict`` runs for every backend;
 * ``write``: ``write_prediction`` (label NIfTI).
 
+``pipeline only`` predicts with a backend that answers at once (``NoNetwork``): its predict time is everything but
+the network, and each configuration's ``(predict - pipeline) / (FLOPs / peak)`` is then the network's own ratio.
+
+The dense peak is measured at the start and again after every round; the highest value seen is the yardstick (the
+machine's speed drifts by several per cent over minutes, and a peak measured once at a slow moment would flatter
+every ratio).
+
 Threads: ``--threads`` sets torch's, ONNX Runtime's intra-op and OpenVINO's inference threads alike (default: each
 library's own default).
 
@@ -44,6 +51,7 @@ import inference  # noqa: E402
 
 #: (name, backend, precision): torch precisions as ``resolve_precision`` labels; exports as the runtime's words
 CONFIGS = [
+    ("pipeline only", "none", "-"),
     ("torch fp32", "torch", "fp32"),
     ("torch fp32+CL", "torch", "fp32+channels_last"),
     ("torch bf16+CL", "torch", "bf16+channels_last"),
@@ -65,7 +73,23 @@ COLUMNS = [
     ("max_abs_prob_diff", "max |dp|", 4),
     ("achieved_gflops", "network GFLOP/s", 0),
     ("x_ideal", "predict / (FLOPs / peak)", 2),
+    ("network_x_ideal", "(predict - pipeline) / (FLOPs / peak)", 2),
 ]
+
+
+class NoNetwork:
+    """A backend that answers uniform probabilities at once: ``predict`` with it times everything but the network
+    (reading, preprocessing, batching, restoring the geometry), the part no runtime can speed up."""
+
+    def __init__(self, num_classes: int, size_multiple: int = 1, min_size: int = 1) -> None:
+        self.num_classes, self.size_multiple, self.min_size = num_classes, size_multiple, min_size
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def __call__(self, x: np.ndarray, modality: int | None, window: tuple[int, int, int, int]) -> np.ndarray:
+        _, height, _, width = window
+        return np.full((len(x), self.num_classes, height, width), 1.0 / self.num_classes, np.float32)
 
 
 def peak_dtype(precision: str) -> torch.dtype | None:
@@ -94,6 +118,14 @@ def load(config: tuple[str, str, str], ckpt: Path, exports: dict[str, Path], thr
     from modalseg.training.predict import load_models
 
     _, backend, precision = config
+    if backend == "none":
+        from modalseg.inference.predictor import LoadedModel
+        from modalseg.training.checkpoint import read_checkpoint
+
+        trained = read_checkpoint(ckpt)
+        network = trained.build_network()
+        return [LoadedModel(NoNetwork(trained.meta.num_classes, int(getattr(network, "size_multiple", 1)),
+                                      int(getattr(network, "min_size", 1))), trained.meta, ckpt)]
     if backend == "torch":
         return load_models([ckpt], Precision.from_label(torch.device("cpu"), precision))
     folder = exports["int8" if precision == "int8" else "fp32"]
@@ -195,6 +227,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(max(1, args.repeats)):
             for c in configs:  # interleaved: every configuration once per round
                 runs[c[0]].append(run_once(c, inp, ckpt, exports, out, args.batch_size, args.threads))
+            for dtype in peaks:  # the peak again after every round: the highest seen is the yardstick
+                peaks[dtype] = max(peaks[dtype], common.dense_peak_gflops(dtype, n))
+        info["peak_gflops"] = {"fp32": peaks[torch.float32], "bf16": peaks[torch.bfloat16]}
+        print(f"# highest dense peak measured (at the start and after each round): fp32 {peaks[torch.float32]:.0f} "
+              f"GFLOP/s, bf16 {peaks[torch.bfloat16]:.0f} GFLOP/s: the ratios below are against these")
     rows = []
     for c in configs:
         rs = runs[c[0]]
@@ -204,12 +241,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(row)
     ref = runs.get("torch fp32")
     base = next((r for r in rows if r["config"] == "torch fp32"), None)
+    pipeline = next((r["predict_s"] for r in rows if r["backend"] == "none"), None)
     for row in rows:
+        if row["backend"] == "none":
+            continue
         row["speedup_vs_torch_fp32"] = base["total_s"] / row["total_s"] if base else None
         row["achieved_gflops"] = volume_flops / row["predict_s"] / 1e9
         dtype = peak_dtype(row["precision"])
         # 1.0 = predict (read, preprocess, network, restore) as fast as the network's FLOPs at the dense peak
-        row["x_ideal"] = row["predict_s"] / (volume_flops / (peaks[dtype] * 1e9)) if dtype is not None else None
+        ideal = volume_flops / (peaks[dtype] * 1e9) if dtype is not None else None
+        row["x_ideal"] = row["predict_s"] / ideal if ideal else None
+        # the network's own share: predict less the pipeline-only predict of the same round structure
+        row["network_x_ideal"] = (row["predict_s"] - pipeline) / ideal if ideal and pipeline is not None else None
         if ref:
             last = runs[row["config"]][-1]
             row["labels_equal_pct"] = 100.0 * float(np.mean(last["labels"] == ref[-1]["labels"]))

@@ -211,3 +211,18 @@ def test_dims_dice_quick_trains_every_layout():
     assert set(results) == {"2D", "2.5D (k=2)", "3D"}
     assert results["3D"][0]["patch"] and results["2D"][0]["patch"] is None
     assert all(0.0 <= r[0]["dice"] <= 1.0 for r in results.values())
+
+
+def test_fp32_gap_quick_splits_the_forward_and_its_bound_follows_from_the_convolution_time():
+    import fp32_gap
+
+    payload = fp32_gap.main(["--quick", "--threads", "1"])
+    rows = payload["results"]
+    assert [r["layout"] for r in rows] == ["NCHW", "channels_last"]
+    for r in rows:
+        conv = sum(v for k, v in r["ops_s"].items() if "conv" in k)
+        assert 0 < r["conv_share"] <= 1 and r["conv_share"] == pytest.approx(conv / sum(r["ops_s"].values()))
+        # the bound is the convolutions' own time against FLOPs / peak: the inverse of their share of the peak
+        assert r["bound_x_ideal"] * r["conv_pct_peak"] == pytest.approx(1.0)
+        assert r["eager_x_ideal"] == pytest.approx(r["eager_s"] * payload["peak_gflops"] / r["gflop"])
+        assert r["jit_s"] > 0  # TorchScript freezing ran and was timed

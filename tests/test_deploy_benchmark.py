@@ -25,6 +25,8 @@ def test_deploy_benchmark_quick_runs_every_backend(tmp_path, capsys):
     assert {"torch fp32", "torch fp32+CL", "torch bf16+CL", "onnxruntime fp32", "onnxruntime int8"} <= set(rows)
     base = rows["torch fp32"]
     assert base["speedup_vs_torch_fp32"] == pytest.approx(1.0)
+    pipeline = rows.pop("pipeline only")  # everything but the network: no network figures of its own
+    assert pipeline["n"] == 1 and pipeline["predict_s"] > 0 and "x_ideal" not in pipeline
     for r in rows.values():
         assert r["n"] == 1 and r["total_s"] >= r["predict_s"] > 0
         assert r["speedup_vs_torch_fp32"] == pytest.approx(base["total_s"] / r["total_s"])
@@ -38,6 +40,7 @@ def test_deploy_benchmark_quick_runs_every_backend(tmp_path, capsys):
             assert r["x_ideal"] is None  # int8: no dense int8 peak measured
         else:
             assert r["x_ideal"] == pytest.approx(r["predict_s"] * peak * 1e9 / flops)
+            assert r["network_x_ideal"] == pytest.approx((r["predict_s"] - pipeline["predict_s"]) * peak * 1e9 / flops)
     for name in ("torch fp32+CL", "onnxruntime fp32", "openvino fp32"):
         if name in rows:  # fp32 everywhere: the same labels, probabilities within float rounding
             assert rows[name]["labels_equal_pct"] >= 99.9 and rows[name]["max_abs_prob_diff"] < 1e-3

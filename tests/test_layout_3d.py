@@ -393,3 +393,42 @@ def test_the_plan_line_warns_when_the_batch_is_over_the_memory_budget(breast3d: 
     budget = max(2 * two, 1.0)  # two patches fit, twenty do not
     Trainer(cfg3d(breast3d, tmp_path / "b", batch_size=20, memory_budget_mb=budget))
     assert "over budget: lower batch_size or raise memory_budget_mb" in capsys.readouterr().out
+
+
+def test_native_square_side_reads_the_canonical_in_plane_size_of_every_format(tmp_path: Path) -> None:
+    """The median case's longer in-plane side after reorientation to canonical order: a file stored slice-first is
+    measured in the plane it is sliced in, and a non-NIfTI file (read, not only its header) counts too."""
+    import SimpleITK as sitk
+
+    from modalseg.data.preprocess import native_square_side
+
+    files = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", tmp_path / "c.nii.gz", tmp_path / "d.mha"]
+    _write(files[0], np.zeros((20, 30, 8), np.float32), np.eye(4))
+    # stored (6, 10, 40): stored axis 0 runs along z and axis 2 along x, so canonically it is 40 x 10 x 6
+    _write(files[1], np.zeros((6, 10, 40), np.float32), np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0],
+                                                                   [0, 0, 0, 1]], float))
+    _write(files[2], np.zeros((50, 50, 8), np.float32), np.eye(4))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 24, 24), np.float32)), str(files[3]))
+    assert native_square_side(files[:3], 2) == 40  # sides 30, 40, 50 (not 30, 10, 50: the stored order)
+    assert native_square_side(files, 2) == 35  # + 24 from the .mha
+    assert native_square_side(files[1:2], 0) == 10  # sliced along x: the plane is 10 x 6
+
+
+def test_the_default_preset_keeps_the_native_in_plane_size_in_3d(breast3d: Path, tmp_path: Path) -> None:
+    """3D with the default preset and no target_size trains on the data's own in-plane grid (16x16 here), not the
+    2D networks' 256x256; 2D keeps 256x256, and an explicit target_size wins."""
+    from modalseg.data.layouts import load_dataset
+    from modalseg.training.engine import make_preprocess, resolve_recipe
+
+    spec = load_dataset(breast3d)
+
+    def size(**kw) -> tuple[int, int] | None:
+        return make_preprocess(resolve_recipe(cfg3d(breast3d, tmp_path / "x", **kw), spec), spec).target_size
+
+    assert size(preprocess_options={}) == (16, 16)
+    assert size(preprocess_options={}, dims=2) == (256, 256)
+    assert size(preprocess_options={"target_size": [32, 32]}) == (32, 32)
+    tr = Trainer(cfg3d(breast3d, tmp_path / "run", preprocess_options={}, epochs=1, steps_per_epoch=1))
+    tr.fit()
+    assert tr.cache.cases[0].shape[2:] == (16, 16)
+    assert load_checkpoint(tmp_path / "run" / "fold_0" / "latest.pt")["meta"]["preprocess"]["target_size"] == [16, 16]

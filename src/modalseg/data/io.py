@@ -417,6 +417,23 @@ def header_shape(path: str | Path) -> tuple[int, ...] | None:
     return shape
 
 
+def nifti_header_grid(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray] | None:
+    """(first three sizes, affine) of a NIfTI file from its header alone; ``None`` for other formats, folders and
+    unreadable headers (:func:`read_volume` then says why)."""
+    path = Path(path)
+    if _extension(path) not in NIFTI_EXTENSIONS or not path.is_file():
+        return None
+    try:
+        import nibabel as nib
+
+        with _quiet_nibabel():
+            img = nib.load(str(path))
+            shape = tuple(int(v) for v in (*img.shape[:3], 1, 1)[:3])
+            return shape, np.asarray(img.affine, dtype=np.float64)  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - only a hint
+        return None
+
+
 def _select_channel(data: np.ndarray, channel: int, path: Path) -> np.ndarray:
     """Channel ``channel`` of a 4D ``(X, Y, Z, C)`` array; refuses a 2D/3D file or a missing channel."""
     shape = tuple(data.shape)

@@ -442,3 +442,33 @@ def restore_volume(
     stacked = np.stack(restored, axis=0 if is_label else 1)
     kind = "label" if is_label else "probabilities"
     return np.ascontiguousarray(ToSliceMajor(slice_axis).inverse(stacked, {"slice_axis": slice_axis}, kind))
+
+
+def native_square_side(images: Sequence[Any], slice_axis: int) -> int:
+    """The median, over ``images`` (one reference image per case), of the longer in-plane side in the canonical
+    voxel order (closest to RAS) sliced along ``slice_axis``: the side the ``square`` crop pads a typical case to.
+
+    3D training uses it as the ``default`` preset's in-plane ``target_size`` (training/engine.py
+    ``make_preprocess``), so that a typical case keeps its native in-plane grid instead of being resized to the 2D
+    networks' 256x256 (64x64 volumes would become four times finer in-plane than through-plane). NIfTI sizes come
+    from the header and affine only; other formats are read.
+    """
+    from nibabel.orientations import io_orientation
+
+    from modalseg.data.geometry import reorientation_of
+    from modalseg.data.io import nifti_header_grid, read_volume
+
+    sides = []
+    for ref in images:
+        grid = nifti_header_grid(ref)
+        ornt = io_orientation(grid[1]) if grid is not None else None
+        if grid is not None and ornt is not None and np.isfinite(ornt).all():
+            canonical = [0, 0, 0]
+            for i, axis in enumerate(ornt[:, 0]):
+                canonical[int(axis)] = grid[0][i]
+        else:  # other formats (and headers read_volume will refuse, with its own message)
+            canonical = list(reorientation_of(read_volume(ref)).canonical_shape)
+        sides.append(max(s for k, s in enumerate(canonical) if k != slice_axis))
+    if not sides:
+        raise ConfigError("no case to take the in-plane size from")
+    return int(round(float(np.median(sides))))

@@ -288,18 +288,25 @@ def _write_folder(output: Path, files: dict[str, bytes]) -> None:
 
 def export_run(
     model: str | Path, output: str | Path, *, which: str = "best", fmt: str = "onnx", exporter: str = "auto",
-    int8_calibration: str | Path | None = None, calibration_slices: int = 64, echo: bool = True,
+    int8_calibration: str | Path | None = None, calibration_slices: int = 64, calibration_method: str = "auto",
+    echo: bool = True,
 ) -> Path:
     """Export a run folder (every fold), a fold folder or a checkpoint to ``output``; returns the card's path.
 
     ``int8_calibration``: a dataset whose training slices calibrate an int8 post-training quantization of every
-    graph (:mod:`modalseg.deploy.quantize`); off by default. ``echo`` prints one line per graph.
+    graph (:mod:`modalseg.deploy.quantize`; activation ranges by ``calibration_method``); off by default. ``echo``
+    prints one line per graph.
     """
     from modalseg.inference.predictor import load_models
     from modalseg.training.precision import resolve_precision
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be {' or '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    from modalseg.deploy.quantize import CALIBRATION_METHODS
+
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ConfigError(f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}, got "
+                          f"{calibration_method!r}")
     model, output = Path(model), Path(output)
     check_export_folder(output)
     require_onnxruntime()  # every graph is checked with it before anything is written
@@ -348,16 +355,19 @@ def export_run(
 
                 if calibration is None:  # once, with the graphs' size rule (all graphs share the architecture)
                     calibration = calibration_batches(int8_calibration, meta, size_multiple=graph.size_multiple,
-                                                      min_size=min_size, limit=calibration_slices)
+                                                      min_size=min_size, limit=calibration_slices,
+                                                      check=calibration_slices)
 
-                data, report = quantize_graph(data, calibration[branch], source=m.path, activation=activation)
+                data, report = quantize_graph(data, calibration[branch].calibrate, check=calibration[branch].check,
+                                              source=m.path, activation=activation, method=calibration_method)
                 entry["int8"] = report
             files[file] = data
             entry["sha256"] = hashlib.sha256(data).hexdigest()
             entry["bytes"] = len(data)
             graphs.append(entry)
             if echo:
-                extra = f", int8 labels agree {entry['int8']['label_agreement']:.4%}" if "int8" in entry else ""
+                extra = (f", int8 ({entry['int8']['calibration_method']} calibration) labels agree "
+                         f"{entry['int8']['label_agreement']:.4%}") if "int8" in entry else ""
                 if graph.size_multiple != size_multiple:
                     extra += (f", sides must be multiples of {graph.size_multiple} (torch: {size_multiple}; other "
                               "slices are zero-padded, changing the result near their border)")

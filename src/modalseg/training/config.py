@@ -173,7 +173,8 @@ class TrainConfig:
     )
     preprocess: str = _opt(
         "auto", "preprocessing preset: auto (paired data: default; unpaired: paper 2's for its layout), default "
-        "(for your data: every slice, robust z-score per volume, aspect kept, 256x256), or a paper preset", "str",
+        "(for your data: every slice, robust z-score per volume, aspect kept, 256x256; in 3D the data's own "
+        "in-plane size), or a paper preset", "str",
         choices=("auto", "default", "paper1", "paper2_mscmrseg", "paper2_mmwhs", "paper2_synth"),
     )
     preprocess_options: dict = _opt(

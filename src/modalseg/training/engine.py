@@ -107,7 +107,9 @@ def make_preprocess(cfg: TrainConfig, spec: DatasetSpec | None = None) -> Prepro
     """The preset of ``cfg`` with its ``preprocess_options``. With ``spec``, the ``default`` preset normalises CT
     channels as nnU-Net does (``ct_dataset``: the training cases' foreground statistics, data/intensity.py,
     computed once per set of files and kept beside the slice cache) instead of per volume; an explicit
-    ``normalization`` option wins."""
+    ``normalization`` option wins. In 3D (``dims: 3``) the ``default`` preset's in-plane ``target_size`` is the
+    data's own (:func:`~modalseg.data.preprocess.native_square_side`: the median case's longer in-plane side)
+    rather than the 2D networks' 256x256; an explicit ``target_size`` wins."""
     presets = {
         "default": PreprocessConfig.default,
         "paper1": PreprocessConfig.paper1,
@@ -127,6 +129,13 @@ def make_preprocess(cfg: TrainConfig, spec: DatasetSpec | None = None) -> Prepro
             base["normalization"] = ["ct_dataset" if i in ct else base["normalization"]
                                      for i in range(len(spec.modalities))]
             base["intensity_stats"] = dataset_intensity_stats(spec, ct, memo_dir=cache_folder(cfg, spec))
+    if spec is not None and cfg.preprocess == "default" and cfg.dims == 3 and "target_size" not in \
+            cfg.preprocess_options:
+        from modalseg.data.preprocess import native_square_side
+
+        side = native_square_side([c.images[0] for c in spec.cases],
+                                  int(cfg.preprocess_options.get("slice_axis", base["slice_axis"])))
+        base["target_size"] = [side, side]
     base.update(cfg.preprocess_options)
     return PreprocessConfig.from_dict(base)
 
