@@ -121,3 +121,49 @@ def test_runtime_refuses_a_checkpoint_in_one_line(tmp_path, capsys, breast_datas
     assert len(lines) == 1 and "not an export folder" in lines[0] and str(run) in lines[0], lines
     assert proc.torch_modules == []
     assert not (tmp_path / "out").exists()
+
+
+def test_a_25d_model_exports_and_the_torch_free_runtime_reproduces_its_predict(tmp_path, capsys):
+    """2.5D (``context_slices``): the graph reads each slice with its neighbours as channels, the card says so, and
+    both ONNX Runtime through ``modalseg predict`` and the torch-free runtime give torch's labels and geometry; int8
+    calibrates on slices with their neighbours too."""
+    import json
+
+    from modalseg.data.synth import make_breast_dataset_3d
+    from modalseg.deploy.card import CARD_NAME
+
+    data = make_breast_dataset_3d(tmp_path / "b3", num_patients=4, size=16, seed=3)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, [
+        "train", "--data", data, "--output", run, "--model", "master_assistant", "--epochs", "3", "--set",
+        "context_slices=1", "--set", "model_options={base_width: 4, sa_reduction: 2, depth: 2}", "--set",
+        "preprocess_options={target_size: [16, 16]}", "--set", "folds=2", "--set", "precision=fp32", "--set",
+        "progress=false", "--set", "tensorboard=false", "--set", "num_threads=1", "--set", "lr=0.01"])
+    assert code == 0, err
+    export, int8 = tmp_path / "export", tmp_path / "int8"
+    common = ["--model", run, "--checkpoint", "latest"]
+    assert run_cli(capsys, ["export", *common, "--output", export])[0] == 0
+    code, _, err = run_cli(capsys, ["export", *common, "--output", int8, "--int8", "--calibration-data", data,
+                                    "--calibration-slices", "16"])
+    assert code == 0, err
+    card = json.loads((export / CARD_NAME).read_text())
+    assert card["input"]["context_slices"] == 1 and card["input"]["shape"][1] == 6
+    assert card["input"]["channels"][:3] == ["T1C slice d-1", "T1C slice d", "T1C slice d+1"]
+    assert any("2.5D" in step for step in card["preprocessing"]["steps"])
+
+    images = data / "imagesTr"
+    code, _, err = run_cli(capsys, ["predict", *common, "--input", images, "--output", tmp_path / "torch",
+                                    "--precision", "fp32", "--probabilities"])
+    assert code == 0, err
+    assert run_cli(capsys, ["predict", "--model", export, "--input", images, "--output", tmp_path / "ort",
+                            "--probabilities"])[0] == 0
+    proc = run_torch_free(tmp_path, "-m", "modalseg.deploy.runtime", "--model", export, "--input", images,
+                          "--output", tmp_path / "runtime", "--probabilities")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.torch_modules == []
+    for out in ("ort", "runtime"):
+        agree, prob = compare_outputs(tmp_path / "torch", tmp_path / out)
+        assert agree >= LABEL_AGREEMENT and prob <= 1e-4, (out, agree, prob)
+    assert run_cli(capsys, ["predict", "--model", int8, "--input", images, "--output", tmp_path / "p8"])[0] == 0
+    graph = json.loads((int8 / CARD_NAME).read_text())["folds"][0]["graphs"][0]
+    assert graph["int8"]["calibration_slices"] > 0  # the recorded inputs had the graph's 6 channels, or ORT fails

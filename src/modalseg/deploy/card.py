@@ -75,7 +75,7 @@ def _modes(preprocess: dict[str, Any], kind: str, modalities: Sequence[str], cha
 
 def describe_preprocessing(
     preprocess: dict[str, Any], *, kind: str, modalities: Sequence[str], channel_names: Sequence[str] | None,
-    size_multiple: int, min_size: int, regions: bool = False,
+    size_multiple: int, min_size: int, regions: bool = False, context_slices: int = 0,
 ) -> dict[str, Any]:
     """The card's ``preprocessing`` section: the steps and their inverse in words, the per-modality normalisation
     (with the dataset statistics of ``ct_dataset``) and the preprocessing dictionary (``config``)."""
@@ -114,6 +114,9 @@ def describe_preprocessing(
          "no resize"),
         f"network input: modalities stacked as channels in the order of 'modalities', float32 (N, C, H, W); sides "
         f"zero-padded (centred, the odd pixel after) to at least {min_size} and a multiple of {size_multiple}",
+        *([f"2.5D: each slice with its {context_slices} neighbours on either side, modality-major (modality m's "
+           f"slices d-{context_slices} .. d+{context_slices} are channels m*{2 * context_slices + 1} ...); "
+           "neighbours beyond the first and last slice are zeros"] if context_slices else []),
     ]
     inverse = [
         "probabilities cropped back from the padding",

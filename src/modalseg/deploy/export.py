@@ -313,10 +313,10 @@ def export_run(
     fp32 = resolve_precision(torch.device("cpu"), "fp32")
     models = load_models([model], fp32, device="cpu", which=which)
     meta = models[0].meta
-    if meta.patch_size or meta.context_slices:
-        what = "a 3D network (sliding-window inference)" if meta.patch_size else "a 2.5D network (neighbouring slices)"
-        raise ConfigError(f"export is for 2D slice networks; this checkpoint is {what}, whose inferer the exported "
-                          "runtime does not have yet: predict it with `modalseg predict`", models[0].path)
+    if meta.patch_size:  # 2.5D exports: the runtime's ContextSliceInferer is NumPy; sliding windows are MONAI's
+        raise ConfigError("export is for slice networks (2D, 2.5D); this checkpoint is a 3D network (sliding-window "
+                          "inference), whose inferer the exported runtime does not have yet: predict it with "
+                          "`modalseg predict`", models[0].path)
     base = model if model.is_dir() else model.parent
     size_multiple, min_size = models[0].backend.size_multiple, models[0].backend.min_size
     channels = meta.in_channels * (len(meta.modalities) if meta.kind == "paired" else 1)
@@ -392,6 +392,7 @@ def build_card(
     kind, modalities = meta["kind"], list(meta["modalities"])
     labels = dict(meta["labels"])
     regions = meta.get("regions")
+    context = int(meta.get("context_slices") or 0)  # 2.5D: neighbours of each slice as channels
     if regions is None:
         values = "softmax probabilities over axis 1"
         rule = ("mean of softmax probabilities over the folds' graphs, then argmax over classes; class index k -> "
@@ -416,7 +417,11 @@ def build_card(
         "input": {
             "name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
             "shape": ["batch", channels, "height", "width"],
-            "channels": modalities if kind == "paired" else ["one image of the chosen modality"],
+            "channels": (modalities if kind == "paired" else ["one image of the chosen modality"]) if not context
+            else [f"{m} slice d{j:+d}" if j else f"{m} slice d" for m in (modalities if kind == "paired"
+                                                                           else ["the chosen modality"])
+                  for j in range(-context, context + 1)],
+            **({"context_slices": context} if context else {}),
             "size_multiple": size_multiple, "min_size": min_size,
             "padding": f"zeros, centred (the odd pixel after), to sides >= {min_size} and multiples of "
                        f"{size_multiple}; the output is cropped back",
@@ -437,7 +442,7 @@ def build_card(
         "preprocessing": describe_preprocessing(meta["preprocess"], kind=kind, modalities=modalities,
                                                 channel_names=meta.get("channel_names"),
                                                 size_multiple=size_multiple, min_size=min_size,
-                                                regions=regions is not None),
+                                                regions=regions is not None, context_slices=context),
         "folds": folds,
         "software": software,
         "model_meta": meta,

@@ -83,7 +83,7 @@ def calibration_batches(
     else an unpaired modality's), slices of the dataset's training cases drawn at random (``seed``) after
     predict's preprocessing. With fewer slices than asked, the check set gets at most a third of them."""
     from modalseg.data.layouts import load_dataset
-    from modalseg.inference.inferers import SliceInferer
+    from modalseg.inference.inferers import inferer_for
     from modalseg.inference.predictor import LoadedModel, Predictor
 
     spec = load_dataset(dataset)
@@ -102,7 +102,8 @@ def calibration_batches(
         if not cases:
             raise DataError(f"calibration data has no case of modality {branch}", spec.root)
         recorder = RecordingBackend(meta.num_classes, size_multiple, min_size)
-        predictor = Predictor([LoadedModel(recorder, meta, Path(dataset))], inferer=SliceInferer(batch_size=8))
+        # the model's own inferer: a 2.5D graph is calibrated on slices with their neighbours as channels
+        predictor = Predictor([LoadedModel(recorder, meta, Path(dataset))], inferer=inferer_for(meta, 8))
         order = rng.permutation(len(cases))
         for k in order:
             with contextlib.redirect_stdout(io.StringIO()):  # "resampled onto ..." lines: not the export's
