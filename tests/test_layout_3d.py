@@ -210,12 +210,43 @@ def test_3d_options_are_refused_in_one_line(breast3d: Path, tmp_path: Path, opti
         Trainer(cfg3d(breast3d, tmp_path / "x", **options))
 
 
-def test_export_refuses_a_3d_checkpoint(breast3d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    Trainer(cfg3d(breast3d, tmp_path / "run", epochs=1, steps_per_epoch=1)).fit()
-    code = main(["export", "--model", str(tmp_path / "run" / "fold_0" / "latest.pt"), "--output",
-                 str(tmp_path / "exp")])
-    err = capsys.readouterr().err
-    assert code != 0 and "3D network" in err and len(err.strip().splitlines()) == 1
+def test_a_3d_model_exports_and_the_torch_free_runtime_reproduces_its_sliding_windows(
+        breast3d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """3D export: graphs of windows (N, C, D, H, W), dynamic in every axis; ONNX Runtime through ``modalseg
+    predict`` (MONAI's windows) and the torch-free runtime (the NumPy windows) give torch's labels and geometry;
+    int8 calibrates on the windows predict feeds the graph."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_export import LABEL_AGREEMENT, compare_outputs
+    from test_runtime_torch_free import run_torch_free
+
+    Trainer(cfg3d(breast3d, tmp_path / "run", epochs=2, steps_per_epoch=2, patch_size=[8, 16, 16],
+                  model_options={**TINY, "base_width": 4})).fit()
+    ckpt = str(tmp_path / "run" / "fold_0" / "latest.pt")
+    export = tmp_path / "exp"
+    assert main(["export", "--model", ckpt, "--output", str(export)]) == 0
+    assert main(["export", "--model", ckpt, "--output", str(tmp_path / "int8"), "--int8", "--calibration-data",
+                 str(breast3d), "--calibration-slices", "8"]) == 0
+    card = json.loads((export / "model.json").read_text())
+    assert card["input"]["layout"] == "NCDHW" and card["input"]["patch_size"] == [8, 16, 16]
+    assert card["output"]["shape"] == ["batch", 2, "depth", "height", "width"]
+    images = breast3d / "imagesTr"
+    assert main(["predict", "--model", ckpt, "--input", str(images), "--output", str(tmp_path / "torch"),
+                 "--precision", "fp32", "--probabilities"]) == 0
+    assert main(["predict", "--model", str(export), "--input", str(images), "--output", str(tmp_path / "ort"),
+                 "--probabilities"]) == 0
+    proc = run_torch_free(tmp_path, "-m", "modalseg.deploy.runtime", "--model", export, "--input", images,
+                          "--output", tmp_path / "runtime", "--probabilities")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.torch_modules == []
+    capsys.readouterr()
+    for out in ("ort", "runtime"):
+        agree, prob = compare_outputs(tmp_path / "torch", tmp_path / out)
+        assert agree >= LABEL_AGREEMENT and prob <= 1e-4, (out, agree, prob)
+    assert main(["predict", "--model", str(tmp_path / "int8"), "--input", str(images), "--output",
+                 str(tmp_path / "p8")]) == 0
 
 
 def test_channels_last_precision_handles_3d_networks() -> None:
@@ -432,3 +463,58 @@ def test_the_default_preset_keeps_the_native_in_plane_size_in_3d(breast3d: Path,
     tr.fit()
     assert tr.cache.cases[0].shape[2:] == (16, 16)
     assert load_checkpoint(tmp_path / "run" / "fold_0" / "latest.pt")["meta"]["preprocess"]["target_size"] == [16, 16]
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 24, 37), (2, 8, 40, 16)])  # (C, D, H, W); 8 < the window's depth 12
+def test_numpy_sliding_window_equals_monai(shape: tuple[int, ...]) -> None:
+    """The torch-free runtime's windows (numpy_sliding_window) give MONAI's sliding_window_inference result: same
+    Gaussian weights, same window positions (a backend whose output depends on the position inside the window would
+    show any shift), same padding of a volume smaller than the window."""
+    from monai.data.utils import compute_importance_map
+
+    from modalseg.inference.inferers import gaussian_importance, numpy_sliding_window
+
+    patch = (12, 16, 16)
+    np.testing.assert_allclose(gaussian_importance(patch), compute_importance_map(patch, "gaussian").numpy(),
+                               rtol=1e-6, atol=0)
+    ramp = np.linspace(0, 1, int(np.prod(patch)), dtype=np.float32).reshape(patch)
+
+    class PositionDependent:
+        size_multiple, min_size = 1, 1
+
+        def session(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def __call__(self, x, modality, window):
+            logits = np.stack([x[:, 0] + ramp, x[:, 1] * ramp, -x[:, 0]], axis=1)
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    volume = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    monai = SlidingWindowInferer(patch, batch_size=2)(PositionDependent(), np.moveaxis(volume, 1, 0))
+    ours = numpy_sliding_window(volume, patch, 0.5, 2, lambda x: PositionDependent()(x, None, None))
+    np.testing.assert_allclose(np.moveaxis(ours, 1, 0), monai, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", _paired_models())
+def test_every_paper1_model_exports_a_3d_graph_checked_against_torch(name: str) -> None:
+    """Every Table-1 model in 3D exports (batch, depth, height and width dynamic; export_graph checks ONNX Runtime
+    against torch at two volume sizes, the second with odd sides where the network takes them)."""
+    pytest.importorskip("onnxruntime")
+    from modalseg.deploy.export import export_graph
+    from modalseg.models import create_model
+    from modalseg.models.fold import fold_batch_norm
+    from modalseg.training.tasks import SINGLE_MODALITY_MODELS
+
+    channels = 1 if name in SINGLE_MODALITY_MODELS else 2
+    options: dict = {"base_width": 4, "spatial_dims": 3}
+    if not name.startswith("fusenet"):  # FuseNet's five poolings are fixed (no plan)
+        options.update(kernel_sizes=[[3, 3, 3]] * 4, strides=[[2, 2, 2], [2, 2, 2], [1, 2, 2]], depth=3)
+    net = create_model(name, num_modalities=channels, in_channels=1, num_classes=2, **options).eval()
+    fold_batch_norm(net)
+    graph = export_graph(net, channels, size_multiple=getattr(net, "size_multiple", 1),
+                         min_size=getattr(net, "min_size", 1), spatial_dims=3)
+    assert graph.max_abs_diff <= 1e-4 and all(len(s) == 5 for s in graph.check_shapes)
+    assert graph.check_shapes[0][2:] != graph.check_shapes[1][2:]

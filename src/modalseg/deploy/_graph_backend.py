@@ -38,7 +38,8 @@ class GraphBackend:
 
     @staticmethod
     def crop(probs: np.ndarray, window: Window) -> np.ndarray:
-        """``window`` of the probabilities ``(N, K, H, W)`` as a float32 copy: softmax is per pixel, so cropping
-        after it equals cropping the logits before it; a copy, since a runtime may reuse its output buffer."""
+        """``window`` (of the last two axes) of the probabilities ``(N, K, H, W)`` or ``(N, K, D, H, W)`` as a float32
+        copy: softmax is per pixel, so cropping after it equals cropping the logits before it; a copy, since a
+        runtime may reuse its output buffer."""
         top, height, left, width = window
-        return np.array(probs[:, :, top: top + height, left: left + width], dtype=np.float32)
+        return np.array(probs[..., top: top + height, left: left + width], dtype=np.float32)

@@ -76,6 +76,7 @@ def _modes(preprocess: dict[str, Any], kind: str, modalities: Sequence[str], cha
 def describe_preprocessing(
     preprocess: dict[str, Any], *, kind: str, modalities: Sequence[str], channel_names: Sequence[str] | None,
     size_multiple: int, min_size: int, regions: bool = False, context_slices: int = 0,
+    patch_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The card's ``preprocessing`` section: the steps and their inverse in words, the per-modality normalisation
     (with the dataset statistics of ``ct_dataset``) and the preprocessing dictionary (``config``)."""
@@ -117,6 +118,8 @@ def describe_preprocessing(
         *([f"2.5D: each slice with its {context_slices} neighbours on either side, modality-major (modality m's "
            f"slices d-{context_slices} .. d+{context_slices} are channels m*{2 * context_slices + 1} ...); "
            "neighbours beyond the first and last slice are zeros"] if context_slices else []),
+        *([f"3D: the processed slices stacked as a volume (C, D, H, W) and predicted in Gaussian-weighted sliding "
+           f"windows of {list(patch_size)} (input.windows)"] if patch_size else []),
     ]
     inverse = [
         "probabilities cropped back from the padding",

@@ -91,10 +91,14 @@ def _example_side(size_multiple: int, min_size: int, at_least: int = 64) -> int:
     return side + (-side) % size_multiple
 
 
-def check_shapes(channels: int, size_multiple: int, min_size: int) -> list[tuple[int, int, int, int]]:
+def check_shapes(channels: int, size_multiple: int, min_size: int, spatial_dims: int = 2) -> list[tuple[int, ...]]:
     """Two valid input shapes that differ in batch, height and width, the second with odd multiples of
     ``size_multiple`` (odd sides when it is 1): a graph that froze a size, or the arithmetic a decoder does for sides
-    that do not halve evenly (e.g. a transposed convolution's ``output_size``), fails the check."""
+    that do not halve evenly (e.g. a transposed convolution's ``output_size``), fails the check. 3D: two volumes
+    that differ in batch, depth and width (sides one multiple apart: 3D inputs grow with the cube)."""
+    if spatial_dims == 3:
+        side = _example_side(size_multiple, min_size, at_least=16)
+        return [(2, channels, side, side, side), (1, channels, side + size_multiple, side, side + size_multiple)]
     side = _example_side(size_multiple, min_size)
     return [(2, channels, side, side), (1, channels, side + 13 * size_multiple, side + 7 * size_multiple)]
 
@@ -121,9 +125,15 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _dynamic_axes(example: torch.Tensor) -> dict[int, str]:
+    """Batch and every spatial axis dynamic: (N, C, H, W) or (N, C, D, H, W)."""
+    names = ["height", "width"] if example.dim() == 4 else ["depth", "height", "width"]
+    return {0: "batch", **{2 + k: n for k, n in enumerate(names)}}
+
+
 def _torchscript_export(module: nn.Module, example: torch.Tensor) -> bytes:
     buf = io.BytesIO()
-    axes = {0: "batch", 2: "height", 3: "width"}
+    axes = _dynamic_axes(example)
     torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=TORCHSCRIPT_OPSET,
                       input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                       dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, do_constant_folding=True)
@@ -134,7 +144,8 @@ def _dynamo_export(module: nn.Module, example: torch.Tensor) -> bytes:
     auto = torch.export.Dim.AUTO
     program = torch.onnx.export(module, (example,), dynamo=True, opset_version=DYNAMO_OPSET,
                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=({0: auto, 2: auto, 3: auto},), optimize=True, verify=False,
+                                dynamic_shapes=({k: auto for k in _dynamic_axes(example)},), optimize=True,
+                                verify=False,
                                 report=False)
     return program.model_proto.SerializeToString()
 
@@ -158,7 +169,7 @@ def _max_difference(graph: bytes, module: nn.Module, shapes: Sequence[tuple[int,
     return worst
 
 
-def _attempt(name: str, module: nn.Module, channels: int, size_multiple: int, min_size: int
+def _attempt(name: str, module: nn.Module, channels: int, size_multiple: int, min_size: int, spatial_dims: int = 2
              ) -> tuple[ExportedGraph | None, str, bool]:
     """(graph or None, the problem, whether a graph was built) of one exporter under one size rule."""
     if name == "dynamo":
@@ -166,7 +177,7 @@ def _attempt(name: str, module: nn.Module, channels: int, size_multiple: int, mi
             import onnxscript  # noqa: F401  (torch.export's ONNX translation needs it)
         except ImportError:
             return None, "dynamo: needs onnxscript (pip install 'modalseg[export]')", False
-    shapes = check_shapes(channels, size_multiple, min_size)
+    shapes = check_shapes(channels, size_multiple, min_size, spatial_dims)
     try:
         with _quiet(), torch.no_grad():
             data = (_torchscript_export if name == "torchscript" else _dynamo_export)(module, torch.randn(*shapes[0]))
@@ -184,7 +195,7 @@ def _attempt(name: str, module: nn.Module, channels: int, size_multiple: int, mi
 
 def export_graph(
     network: nn.Module, channels: int, *, size_multiple: int = 1, min_size: int = 1, exporter: str = "auto",
-    source: str | Path | None = None, activation: str = "softmax",
+    source: str | Path | None = None, activation: str = "softmax", spatial_dims: int = 2,
 ) -> ExportedGraph:
     """An eval-mode ``network`` (logits) as an ONNX graph of its probabilities (``activation``: softmax, or sigmoid
     for region-based models), dynamic in batch, height and width,
@@ -203,14 +214,14 @@ def export_graph(
     problems = []
     retry = False
     for name in order:
-        graph, problem, built = _attempt(name, module, channels, size_multiple, min_size)
+        graph, problem, built = _attempt(name, module, channels, size_multiple, min_size, spatial_dims)
         if graph is not None:
             return graph
         problems.append(problem)
         retry = retry or (built and name == "torchscript")
     stricter = size_multiple * 2
     while retry and stricter <= 64:
-        graph, _, _ = _attempt("torchscript", module, channels, stricter, min_size)
+        graph, _, _ = _attempt("torchscript", module, channels, stricter, min_size, spatial_dims)
         if graph is not None:
             return graph
         stricter *= 2
@@ -313,10 +324,7 @@ def export_run(
     fp32 = resolve_precision(torch.device("cpu"), "fp32")
     models = load_models([model], fp32, device="cpu", which=which)
     meta = models[0].meta
-    if meta.patch_size:  # 2.5D exports: the runtime's ContextSliceInferer is NumPy; sliding windows are MONAI's
-        raise ConfigError("export is for slice networks (2D, 2.5D); this checkpoint is a 3D network (sliding-window "
-                          "inference), whose inferer the exported runtime does not have yet: predict it with "
-                          "`modalseg predict`", models[0].path)
+    spatial_dims = 3 if meta.patch_size else 2  # 3D: graphs of windows (N, C, D, H, W); the inferer is the card's
     base = model if model.is_dir() else model.parent
     size_multiple, min_size = models[0].backend.size_multiple, models[0].backend.min_size
     channels = meta.in_channels * (len(meta.modalities) if meta.kind == "paired" else 1)
@@ -342,7 +350,7 @@ def export_run(
         for index, branch in enumerate(branches):
             network = m.network if branch is None else m.network.network(index)
             graph = export_graph(network, channels, size_multiple=size_multiple, min_size=min_size,
-                                 exporter=exporter, source=m.path, activation=activation)
+                                 exporter=exporter, source=m.path, activation=activation, spatial_dims=spatial_dims)
             exporters.add(graph.exporter)
             graph_multiple = max(graph_multiple, graph.size_multiple)
             file = f"{name}.onnx" if branch is None else f"{name}.{branch}.onnx"
@@ -393,6 +401,8 @@ def build_card(
     labels = dict(meta["labels"])
     regions = meta.get("regions")
     context = int(meta.get("context_slices") or 0)  # 2.5D: neighbours of each slice as channels
+    patch = list(meta.get("patch_size") or [])  # 3D: the sliding window
+    spatial = ["depth", "height", "width"] if patch else ["height", "width"]
     if regions is None:
         values = "softmax probabilities over axis 1"
         rule = ("mean of softmax probabilities over the folds' graphs, then argmax over classes; class index k -> "
@@ -415,13 +425,19 @@ def build_card(
         "channel_names": list(meta.get("channel_names") or modalities),
         "labels": labels,
         "input": {
-            "name": INPUT_NAME, "dtype": "float32", "layout": "NCHW",
-            "shape": ["batch", channels, "height", "width"],
+            "name": INPUT_NAME, "dtype": "float32", "layout": "NCDHW" if patch else "NCHW",
+            "shape": ["batch", channels, *spatial],
             "channels": (modalities if kind == "paired" else ["one image of the chosen modality"]) if not context
             else [f"{m} slice d{j:+d}" if j else f"{m} slice d" for m in (modalities if kind == "paired"
                                                                            else ["the chosen modality"])
                   for j in range(-context, context + 1)],
             **({"context_slices": context} if context else {}),
+            **({"patch_size": patch,
+                "windows": "the volume (N slices, C, H, W as (C, D, H, W)) is covered by windows of patch_size "
+                           "(MONAI sliding_window_inference: overlap 0.5, a step of int(0.5 x side), the last window "
+                           "flush with the end, a volume smaller than a window zero-padded centred); each window's "
+                           "probabilities are weighted by a Gaussian (sigma 1/8 of the side, floored at 1e-3) and "
+                           "the weighted sum divided by the summed weights"} if patch else {}),
             "size_multiple": size_multiple, "min_size": min_size,
             "padding": f"zeros, centred (the odd pixel after), to sides >= {min_size} and multiples of "
                        f"{size_multiple}; the output is cropped back",
@@ -433,8 +449,8 @@ def build_card(
                if torch_size_multiple not in (None, size_multiple) else {}),
         },
         "output": {
-            "name": OUTPUT_NAME, "dtype": "float32", "layout": "NKHW", "shape": ["batch", len(labels), "height",
-                                                                                "width"],
+            "name": OUTPUT_NAME, "dtype": "float32", "layout": "NKDHW" if patch else "NKHW",
+            "shape": ["batch", len(labels), *spatial],
             "values": values, "classes": list(labels),
             **({"regions": regions} if regions is not None else {}),
         },
@@ -442,7 +458,8 @@ def build_card(
         "preprocessing": describe_preprocessing(meta["preprocess"], kind=kind, modalities=modalities,
                                                 channel_names=meta.get("channel_names"),
                                                 size_multiple=size_multiple, min_size=min_size,
-                                                regions=regions is not None, context_slices=context),
+                                                regions=regions is not None, context_slices=context,
+                                                patch_size=patch or None),
         "folds": folds,
         "software": software,
         "model_meta": meta,

@@ -63,7 +63,8 @@ class RecordingBackend:
     def __call__(self, x: np.ndarray, modality: int | None, window: tuple[int, int, int, int]) -> np.ndarray:
         self.inputs.extend(np.array(s[None]) for s in x)
         _, height, _, width = window
-        return np.full((len(x), self.num_classes, height, width), 1.0 / self.num_classes, np.float32)
+        depth = tuple(x.shape[2:-2])  # 3D windows: (N, C, D, H, W)
+        return np.full((len(x), self.num_classes, *depth, height, width), 1.0 / self.num_classes, np.float32)
 
 
 @dataclass

@@ -12,7 +12,7 @@ the sliding-window inferer imports torch and MONAI when it runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -151,14 +151,19 @@ class SlidingWindowInferer:
         self.patch_size, self.overlap, self.batch_size, self.mode = size, float(overlap), int(batch_size), mode
 
     def __call__(self, backend: Backend, images: np.ndarray | torch.Tensor, modality: int | None = None) -> np.ndarray:
-        import torch
-        from monai.inferers import sliding_window_inference
-
         images = images if isinstance(images, np.ndarray) else images.numpy()
         if len(images) == 0:
             return np.zeros((0,), np.float32)
         # (1, C, D, H, W), a writable copy (the cache's volumes are read-only memory maps)
         volume = np.array(np.moveaxis(np.asarray(images, dtype=np.float32), 0, 1)[None], order="C")
+        try:
+            import torch
+            from monai.inferers import sliding_window_inference
+        except ImportError:  # the torch-free runtime of an exported 3D model: the same windows in NumPy
+            with backend.session():
+                probs = numpy_sliding_window(volume[0], self.patch_size, self.overlap, self.batch_size,
+                                             lambda x: backend(x, modality, (0, x.shape[-2], 0, x.shape[-1])))
+            return np.ascontiguousarray(np.moveaxis(probs, 1, 0))  # (D, K, H, W)
 
         def window_probabilities(x: torch.Tensor) -> torch.Tensor:
             h, w = int(x.shape[-2]), int(x.shape[-1])
@@ -170,6 +175,55 @@ class SlidingWindowInferer:
                 overlap=self.overlap, mode=self.mode, padding_mode="constant", cval=0.0)
         probs = probs.as_tensor() if hasattr(probs, "as_tensor") else probs
         return np.ascontiguousarray(np.moveaxis(probs[0].float().numpy(), 1, 0))  # (D, K, H, W)
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """MONAI's ``compute_importance_map(patch_size, mode="gaussian", sigma_scale)`` in NumPy float32 (tested equal):
+    a separable Gaussian over the window, sigma = ``sigma_scale`` x side, centred, floored at max(min, 1e-3)."""
+    weights = np.ones((), np.float32)
+    for side in patch_size:
+        x = np.arange(-(side - 1) / 2.0, (side - 1) / 2.0 + 1, dtype=np.float32)[:side]
+        g = np.exp(x ** 2 / np.float32(-2 * (side * sigma_scale) ** 2)).astype(np.float32)
+        weights = weights[..., None] * g
+    return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """MONAI's window starts along one axis (``_get_scan_interval`` + ``dense_patch_slices``): a step of
+    ``int(window x (1 - overlap))`` (the window itself when it fits exactly), the last window flush with the end."""
+    step = window if window == size else max(int(window * (1 - overlap)), 1)
+    count = next((d for d in range(-(-size // step)) if d * step + window >= size), 0) + 1
+    return [i * step - max(i * step + window - size, 0) for i in range(count)]
+
+
+def numpy_sliding_window(volume: np.ndarray, patch_size: Sequence[int], overlap: float, batch_size: int,
+                         predict: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """MONAI's Gaussian ``sliding_window_inference`` of one volume ``(C, D, H, W)`` in NumPy, for runtimes without
+    torch: zero padding (centred, the odd voxel after) to at least the window, windows in MONAI's order,
+    ``predict`` on ``batch_size`` windows at a time (``(B, C, d, h, w)`` -> ``(B, K, d, h, w)`` probabilities),
+    probabilities x weights summed, divided by the summed weights, the padding cropped. Returns ``(K, D, H, W)``."""
+    patch = tuple(int(v) for v in patch_size)
+    shape = volume.shape[1:]
+    pads = [((max(p - n, 0)) // 2, max(p - n, 0) - (max(p - n, 0)) // 2) for p, n in zip(patch, shape, strict=True)]
+    padded = np.pad(volume, [(0, 0), *pads]) if any(a or b for a, b in pads) else volume
+    size = padded.shape[1:]
+    starts = [window_starts(n, p, overlap) for n, p in zip(size, patch, strict=True)]
+    corners = np.stack([g.ravel() for g in np.meshgrid(*starts, indexing="ij")], axis=1)
+    weights = gaussian_importance(patch)
+    total = count = None
+    for b in range(0, len(corners), max(1, int(batch_size))):
+        boxes = [tuple(slice(int(c), int(c) + p) for c, p in zip(corner, patch, strict=True))
+                 for corner in corners[b: b + batch_size]]
+        probs = np.asarray(predict(np.stack([padded[(slice(None), *box)] for box in boxes])), dtype=np.float32)
+        if total is None:
+            total = np.zeros((probs.shape[1], *size), np.float32)
+            count = np.zeros(size, np.float32)
+        for box, p in zip(boxes, probs, strict=True):
+            total[(slice(None), *box)] += p * weights
+            count[box] += weights
+    total /= count
+    crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape, strict=True))
+    return np.ascontiguousarray(total[(slice(None), *crop)])
 
 
 def layout_inferer(patch_size: Sequence[int] | None, context_slices: int = 0, batch_size: int = 8, *,
