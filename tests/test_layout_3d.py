@@ -496,6 +496,9 @@ def test_numpy_sliding_window_equals_monai(shape: tuple[int, ...]) -> None:
     monai = SlidingWindowInferer(patch, batch_size=2)(PositionDependent(), np.moveaxis(volume, 1, 0))
     ours = numpy_sliding_window(volume, patch, 0.5, 2, lambda x: PositionDependent()(x, None, None))
     np.testing.assert_allclose(np.moveaxis(ours, 1, 0), monai, rtol=0, atol=2e-6)
+    flat = SlidingWindowInferer(patch, batch_size=3, mode="constant")(PositionDependent(), np.moveaxis(volume, 1, 0))
+    ours = numpy_sliding_window(volume, patch, 0.5, 3, lambda x: PositionDependent()(x, None, None), mode="constant")
+    np.testing.assert_allclose(np.moveaxis(ours, 1, 0), flat, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("name", _paired_models())

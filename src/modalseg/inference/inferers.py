@@ -6,8 +6,9 @@ idea) and one volume's slice stack ``(N, C, H, W)`` (``N`` along the slice axis,
 and returns probabilities ``(N, K, H, W)``: the same contract for all three, so validation, evaluation,
 ``modalseg predict``, test-time augmentation and fold ensembling do not care which one runs, and the
 prediction's geometry (un-resize, un-crop, reorientation) is restored by the same inverse transforms.
-Importing it does not import torch (the torch-free runtime of ``modalseg.deploy`` runs the slice inferer);
-the sliding-window inferer imports torch and MONAI when it runs.
+Importing it does not import torch (the torch-free runtime of ``modalseg.deploy`` runs these inferers); the
+sliding-window inferer uses MONAI's ``sliding_window_inference`` where torch is installed and its NumPy twin
+(:func:`numpy_sliding_window`, tested equal) where it is not.
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ class SlidingWindowInferer:
         except ImportError:  # the torch-free runtime of an exported 3D model: the same windows in NumPy
             with backend.session():
                 probs = numpy_sliding_window(volume[0], self.patch_size, self.overlap, self.batch_size,
-                                             lambda x: backend(x, modality, (0, x.shape[-2], 0, x.shape[-1])))
+                                             lambda x: backend(x, modality, (0, x.shape[-2], 0, x.shape[-1])),
+                                             mode=self.mode)
             return np.ascontiguousarray(np.moveaxis(probs, 1, 0))  # (D, K, H, W)
 
         def window_probabilities(x: torch.Tensor) -> torch.Tensor:
@@ -197,11 +199,14 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
 
 
 def numpy_sliding_window(volume: np.ndarray, patch_size: Sequence[int], overlap: float, batch_size: int,
-                         predict: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+                         predict: Callable[[np.ndarray], np.ndarray], *, mode: str = "gaussian") -> np.ndarray:
     """MONAI's Gaussian ``sliding_window_inference`` of one volume ``(C, D, H, W)`` in NumPy, for runtimes without
     torch: zero padding (centred, the odd voxel after) to at least the window, windows in MONAI's order,
     ``predict`` on ``batch_size`` windows at a time (``(B, C, d, h, w)`` -> ``(B, K, d, h, w)`` probabilities),
-    probabilities x weights summed, divided by the summed weights, the padding cropped. Returns ``(K, D, H, W)``."""
+    probabilities x weights summed, divided by the summed weights, the padding cropped. Returns ``(K, D, H, W)``.
+    ``mode``: ``gaussian`` (:func:`gaussian_importance`) or ``constant`` (weights 1), as MONAI's."""
+    if mode not in ("gaussian", "constant"):
+        raise ValueError(f"mode must be gaussian or constant, got {mode!r}")
     patch = tuple(int(v) for v in patch_size)
     shape = volume.shape[1:]
     pads = [((max(p - n, 0)) // 2, max(p - n, 0) - (max(p - n, 0)) // 2) for p, n in zip(patch, shape, strict=True)]
@@ -209,11 +214,12 @@ def numpy_sliding_window(volume: np.ndarray, patch_size: Sequence[int], overlap:
     size = padded.shape[1:]
     starts = [window_starts(n, p, overlap) for n, p in zip(size, patch, strict=True)]
     corners = np.stack([g.ravel() for g in np.meshgrid(*starts, indexing="ij")], axis=1)
-    weights = gaussian_importance(patch)
+    weights = gaussian_importance(patch) if mode == "gaussian" else np.ones(patch, np.float32)
     total = count = None
-    for b in range(0, len(corners), max(1, int(batch_size))):
+    step = max(1, int(batch_size))
+    for b in range(0, len(corners), step):
         boxes = [tuple(slice(int(c), int(c) + p) for c, p in zip(corner, patch, strict=True))
-                 for corner in corners[b: b + batch_size]]
+                 for corner in corners[b: b + step]]
         probs = np.asarray(predict(np.stack([padded[(slice(None), *box)] for box in boxes])), dtype=np.float32)
         if total is None:
             total = np.zeros((probs.shape[1], *size), np.float32)
