@@ -143,23 +143,27 @@ def label_agreement(fp32: bytes, int8: bytes, batches: Sequence[np.ndarray], act
                     ) -> tuple[float, float]:
     """(fraction of pixels whose label agrees, largest probability difference) of two graphs on ``batches``: the
     argmax for softmax graphs; for sigmoid (region) graphs every region's probability > 0.5 must agree."""
-    agreement, worst, _ = _agreement(fp32, int8, batches, activation)
+    agreement, worst, _ = _agreement(_outputs(fp32, batches), int8, batches, activation)
     return agreement, worst
 
 
-def _agreement(fp32: bytes, int8: bytes, batches: Sequence[np.ndarray], activation: str
-               ) -> tuple[float, float, float]:
-    """:func:`label_agreement` and the mean absolute probability difference."""
+def _outputs(graph: bytes, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The graph's probabilities on each of ``batches`` (ONNX Runtime, CPU)."""
     from modalseg.deploy.onnx_backend import require_onnxruntime, session_options
 
     ort = require_onnxruntime()
-    a = ort.InferenceSession(fp32, session_options(), providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(int8, session_options(), providers=["CPUExecutionProvider"])
-    name = a.get_inputs()[0].name
+    session = ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return [session.run(None, {name: x})[0] for x in batches]
+
+
+def _agreement(reference: Sequence[np.ndarray], int8: bytes, batches: Sequence[np.ndarray], activation: str
+               ) -> tuple[float, float, float]:
+    """:func:`label_agreement` of ``int8`` against the fp32 graph's outputs ``reference`` on ``batches`` (computed
+    once for every method tried), and the mean absolute probability difference."""
     same = total = 0
     worst = summed = 0.0
-    for x in batches:
-        pa, pb = a.run(None, {name: x})[0], b.run(None, {name: x})[0]
+    for pa, pb in zip(reference, _outputs(int8, batches), strict=True):
         if activation == "sigmoid":
             same += int(((pa > 0.5) == (pb > 0.5)).all(axis=1).sum())
         else:
@@ -167,7 +171,8 @@ def _agreement(fp32: bytes, int8: bytes, batches: Sequence[np.ndarray], activati
         total += pa[:, 0].size
         difference = np.abs(pa - pb)
         worst, summed = max(worst, float(difference.max())), summed + float(difference.sum(dtype=np.float64))
-    return same / max(total, 1), worst, summed / max(total * (pa.shape[1] if batches else 1), 1)
+    classes = reference[0].shape[1] if len(reference) else 1
+    return same / max(total, 1), worst, summed / max(total * classes, 1)
 
 
 def _quantize(data: bytes, batches: Sequence[np.ndarray], method: str) -> tuple[bytes, str]:
@@ -219,6 +224,7 @@ def quantize_graph(data: bytes, batches: Sequence[np.ndarray], *, check: Sequenc
         raise ConfigError("int8 quantization needs calibration slices", source)
     measured_on = list(check) if check else list(batches)
     candidates = [m for m in CALIBRATION_METHODS if m != "auto"] if method == "auto" else [method]
+    reference = _outputs(data, measured_on)
     tried: dict[str, dict[str, Any]] = {}
     graphs: dict[str, tuple[bytes, str]] = {}
     failed: dict[str, str] = {}
@@ -228,7 +234,7 @@ def quantize_graph(data: bytes, batches: Sequence[np.ndarray], *, check: Sequenc
         except (ValueError, RuntimeError) as exc:  # e.g. percentile histograms of a (near-)constant activation
             failed[candidate] = f"{type(exc).__name__}: {exc}"[:200]
             continue
-        agreement, worst, mean = _agreement(data, graphs[candidate][0], measured_on, activation)
+        agreement, worst, mean = _agreement(reference, graphs[candidate][0], measured_on, activation)
         tried[candidate] = {"label_agreement": agreement, "max_abs_diff": worst, "mean_abs_diff": mean}
     if not tried:
         reason = "; ".join(f"{m}: {why}" for m, why in failed.items())
