@@ -196,15 +196,21 @@ class Reorientation:
 
 def reorientation_of(volume: Volume) -> Reorientation:
     """The :class:`Reorientation` that brings ``volume`` to the voxel order closest to RAS."""
+    return reorientation_for(volume.affine, volume.shape, volume.path)
+
+
+def reorientation_for(affine: np.ndarray, shape: Sequence[int], path: object = None) -> Reorientation:
+    """The :class:`Reorientation` of a grid of ``shape`` (3 sizes) with ``affine`` (e.g. from a file's header
+    alone); :class:`DataError` naming ``path`` when an axis has no anatomical direction."""
     from nibabel.orientations import io_orientation
 
-    ornt = io_orientation(np.asarray(volume.affine, dtype=np.float64))
+    ornt = io_orientation(np.asarray(affine, dtype=np.float64))
     if not np.isfinite(ornt).all():  # degenerate affines are refused when read; never guess an axis here
-        raise DataError(f"cannot tell the anatomical direction of every voxel axis (affine {volume.affine.tolist()})",
-                        volume.path)
+        raise DataError(f"cannot tell the anatomical direction of every voxel axis (affine "
+                        f"{np.asarray(affine).tolist()})", path)
     perm = tuple(int(v) for v in ornt[:, 0])
     flips = tuple(bool(v < 0) for v in ornt[:, 1])
-    return Reorientation(perm, flips, tuple(int(s) for s in volume.shape), axcodes(volume.affine))  # type: ignore[arg-type]
+    return Reorientation(perm, flips, tuple(int(s) for s in shape), axcodes(affine))  # type: ignore[arg-type]
 
 
 def to_canonical(volume: Volume) -> tuple[Volume, Reorientation]:

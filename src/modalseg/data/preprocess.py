@@ -85,7 +85,7 @@ from modalseg.data.transforms import (  # noqa: F401  (the per-slice primitives,
     square_box,
     volume_stats,
 )
-from modalseg.errors import ConfigError
+from modalseg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -453,22 +453,18 @@ def native_square_side(images: Sequence[Any], slice_axis: int) -> int:
     networks' 256x256 (64x64 volumes would become four times finer in-plane than through-plane). NIfTI sizes come
     from the header and affine only; other formats are read.
     """
-    from nibabel.orientations import io_orientation
-
-    from modalseg.data.geometry import reorientation_of
+    from modalseg.data.geometry import reorientation_for, reorientation_of
     from modalseg.data.io import nifti_header_grid, read_volume
 
     sides = []
     for ref in images:
         grid = nifti_header_grid(ref)
-        ornt = io_orientation(grid[1]) if grid is not None else None
-        if grid is not None and ornt is not None and np.isfinite(ornt).all():
-            canonical = [0, 0, 0]
-            for i, axis in enumerate(ornt[:, 0]):
-                canonical[int(axis)] = grid[0][i]
-        else:  # other formats (and headers read_volume will refuse, with its own message)
-            canonical = list(reorientation_of(read_volume(ref)).canonical_shape)
-        sides.append(max(s for k, s in enumerate(canonical) if k != slice_axis))
+        # other formats are read, and so are headers whose affine read_volume refuses (it then says why)
+        try:
+            reo = reorientation_for(grid[1], grid[0], ref) if grid is not None else reorientation_of(read_volume(ref))
+        except DataError:
+            reo = reorientation_of(read_volume(ref))
+        sides.append(max(s for k, s in enumerate(reo.canonical_shape) if k != slice_axis))
     if not sides:
         raise ConfigError("no case to take the in-plane size from")
     return int(round(float(np.median(sides))))
