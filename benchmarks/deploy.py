@@ -15,8 +15,9 @@ Timed per configuration, the configurations interleaved (round 1 runs each once,
   ``modalseg predict`` runs for every backend;
 * ``write``: ``write_prediction`` (label NIfTI).
 
-``pipeline only`` predicts with a backend that answers at once (``NoNetwork``): its predict time is everything but
-the network, and each configuration's ``(predict - pipeline) / (FLOPs / peak)`` is then the network's own ratio.
+``pipeline only`` predicts with a backend that answers at once (``modalseg.deploy.quantize.UniformBackend``): its
+predict time is everything but the network, and each configuration's ``(predict - pipeline) / (FLOPs / peak)`` is
+then the network's own ratio.
 
 The dense peak is measured at the start and again after every round; the highest value seen is the yardstick (the
 machine's speed drifts by several per cent over minutes, and a peak measured once at a slow moment would flatter
@@ -77,21 +78,6 @@ COLUMNS = [
 ]
 
 
-class NoNetwork:
-    """A backend that answers uniform probabilities at once: ``predict`` with it times everything but the network
-    (reading, preprocessing, batching, restoring the geometry), the part no runtime can speed up."""
-
-    def __init__(self, num_classes: int, size_multiple: int = 1, min_size: int = 1) -> None:
-        self.num_classes, self.size_multiple, self.min_size = num_classes, size_multiple, min_size
-
-    def session(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def __call__(self, x: np.ndarray, modality: int | None, window: tuple[int, int, int, int]) -> np.ndarray:
-        _, height, _, width = window
-        return np.full((len(x), self.num_classes, height, width), 1.0 / self.num_classes, np.float32)
-
-
 def peak_dtype(precision: str) -> torch.dtype | None:
     """The dense peak a configuration is held against: fp32 or bf16 (int8 has no torch peak: none)."""
     if precision.startswith("fp32"):
@@ -119,13 +105,14 @@ def load(config: tuple[str, str, str], ckpt: Path, exports: dict[str, Path], thr
 
     _, backend, precision = config
     if backend == "none":
+        from modalseg.deploy.quantize import UniformBackend
+        from modalseg.inference.backends import input_size_rule
         from modalseg.inference.predictor import LoadedModel
         from modalseg.training.checkpoint import read_checkpoint
 
-        trained = read_checkpoint(ckpt)
-        network = trained.build_network()
-        return [LoadedModel(NoNetwork(trained.meta.num_classes, int(getattr(network, "size_multiple", 1)),
-                                      int(getattr(network, "min_size", 1))), trained.meta, ckpt)]
+        trained = read_checkpoint(ckpt)  # the network's size rule, so the pipeline pads as for the real network
+        backend = UniformBackend(trained.meta.num_classes, *input_size_rule(trained.build_network()))
+        return [LoadedModel(backend, trained.meta, ckpt)]
     if backend == "torch":
         return load_models([ckpt], Precision.from_label(torch.device("cpu"), precision))
     folder = exports["int8" if precision == "int8" else "fp32"]

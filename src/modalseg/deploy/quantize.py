@@ -40,8 +40,8 @@ from modalseg.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from modalseg.training.model_meta import ModelMeta
 
-__all__ = ["CALIBRATION_METHODS", "CalibrationSlices", "RecordingBackend", "calibration_batches", "label_agreement",
-           "quantize_graph"]
+__all__ = ["CALIBRATION_METHODS", "CalibrationSlices", "RecordingBackend", "UniformBackend", "calibration_batches",
+           "label_agreement", "quantize_graph"]
 
 #: activation-range rules of the calibration (see the module docstring); ``auto`` (the default) tries the others
 CALIBRATION_METHODS = ("auto", "percentile", "minmax")
@@ -49,22 +49,33 @@ CALIBRATION_METHODS = ("auto", "percentile", "minmax")
 CALIBRATION_PERCENTILE = 99.99
 
 
-class RecordingBackend:
-    """A backend that keeps every network input it is given (and answers uniform probabilities): the inputs
-    ``modalseg predict`` would feed the graph, for calibration."""
+class UniformBackend:
+    """A backend that answers uniform probabilities at once, for slices ``(N, C, H, W)`` and 3D windows
+    ``(N, C, D, H, W)`` alike: predict with it runs everything but a network."""
 
-    def __init__(self, num_classes: int, size_multiple: int, min_size: int) -> None:
+    def __init__(self, num_classes: int, size_multiple: int = 1, min_size: int = 1) -> None:
         self.num_classes, self.size_multiple, self.min_size = num_classes, size_multiple, min_size
-        self.inputs: list[np.ndarray] = []
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def __call__(self, x: np.ndarray, modality: int | None, window: tuple[int, int, int, int]) -> np.ndarray:
-        self.inputs.extend(np.array(s[None]) for s in x)
         _, height, _, width = window
         depth = tuple(x.shape[2:-2])  # 3D windows: (N, C, D, H, W)
         return np.full((len(x), self.num_classes, *depth, height, width), 1.0 / self.num_classes, np.float32)
+
+
+class RecordingBackend(UniformBackend):
+    """A :class:`UniformBackend` that keeps every network input it is given: the inputs ``modalseg predict`` would
+    feed the graph, for calibration."""
+
+    def __init__(self, num_classes: int, size_multiple: int, min_size: int) -> None:
+        super().__init__(num_classes, size_multiple, min_size)
+        self.inputs: list[np.ndarray] = []
+
+    def __call__(self, x: np.ndarray, modality: int | None, window: tuple[int, int, int, int]) -> np.ndarray:
+        self.inputs.extend(np.array(s[None]) for s in x)
+        return super().__call__(x, modality, window)
 
 
 @dataclass
