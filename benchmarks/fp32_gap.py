@@ -32,19 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from inference import master_assistant_meta  # noqa: E402
 
 
-def build(width: int | None, channels_last: bool) -> torch.nn.Module:
-    from modalseg.data.preprocess import PreprocessConfig
+def build(size: int, width: int | None, channels_last: bool) -> torch.nn.Module:
+    """The network ``benchmarks/deploy.py`` predicts with (inference.master_assistant_meta), BN folded."""
     from modalseg.models.fold import fold_batch_norm
-    from modalseg.training.tasks import ModelMeta, build_network
+    from modalseg.training.tasks import build_network
 
-    meta = ModelMeta(kind="paired", model="master_assistant",
-                     model_options={} if width is None else {"base_width": width}, modalities=["T1C", "T2W"],
-                     num_classes=2, labels={"background": 0, "mass": 1}, preprocess=PreprocessConfig.paper1().to_dict(),
-                     channel_names=["T1C", "T2W"])
     torch.manual_seed(0)
-    network = build_network(meta).eval()
+    network = build_network(master_assistant_meta(size, width)).eval()
     fold_batch_norm(network)
     return network.to(memory_format=torch.channels_last) if channels_last else network
 
@@ -97,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"benchmark": "fp32_gap", "machine": info, "settings": vars(args), "peak_gflops": peak}
     for channels_last in (False, True):
         layout = "channels_last" if channels_last else "NCHW"
-        network = build(args.width, channels_last)
+        network = build(args.size, args.width, channels_last)
         x = torch.randn(args.batch, 2, args.size, args.size)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)

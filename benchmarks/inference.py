@@ -40,20 +40,15 @@ import common  # noqa: E402
 TARGET_S = 15.0  # the issue's target on 2 cores
 
 
-def write_inputs(root: Path, size: int, slices: int, width: int | None, seed: int = 0) -> tuple[Path, Path]:
-    """Write ``root/input/case_000{0,1}.nii.gz`` and ``root/model.pt``; return (input folder, checkpoint)."""
+def master_assistant_meta(size: int, width: int | None):
+    """The ``ModelMeta`` ``Trainer`` would store for master_assistant on T1C + T2W breast data with paper-1
+    preprocessing at ``size`` (``width``: base width, ``None`` the paper's)."""
     from modalseg.data.preprocess import PreprocessConfig
-    from modalseg.data.synth import save_nifti, synth_breast_case
-    from modalseg.training.checkpoint import save_checkpoint
-    from modalseg.training.tasks import ModelMeta, build_network
+    from modalseg.training.tasks import ModelMeta
 
-    case = synth_breast_case(seed, 0, slices=slices, size=size)
-    inp = root / "input"
-    for k, name in enumerate(("T1C", "T2W")):
-        save_nifti(inp / f"case_{k:04d}.nii.gz", case.images[name].astype(np.float32), case.affine)
     pp = PreprocessConfig.paper1()
     pp.target_size = (size, size)  # paper 1 resizes to 256x256; keep smoke tests tiny
-    meta = ModelMeta(
+    return ModelMeta(
         kind="paired",
         model="master_assistant",
         model_options={} if width is None else {"base_width": width},
@@ -63,6 +58,19 @@ def write_inputs(root: Path, size: int, slices: int, width: int | None, seed: in
         preprocess=pp.to_dict(),
         channel_names=["T1C", "T2W"],
     )
+
+
+def write_inputs(root: Path, size: int, slices: int, width: int | None, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``root/input/case_000{0,1}.nii.gz`` and ``root/model.pt``; return (input folder, checkpoint)."""
+    from modalseg.data.synth import save_nifti, synth_breast_case
+    from modalseg.training.checkpoint import save_checkpoint
+    from modalseg.training.tasks import build_network
+
+    case = synth_breast_case(seed, 0, slices=slices, size=size)
+    inp = root / "input"
+    for k, name in enumerate(("T1C", "T2W")):
+        save_nifti(inp / f"case_{k:04d}.nii.gz", case.images[name].astype(np.float32), case.affine)
+    meta = master_assistant_meta(size, width)
     net = build_network(meta)
     ckpt = root / "model.pt"
     save_checkpoint({"model_state": net.state_dict(), "meta": meta.to_dict(), "epoch": 0}, ckpt)
