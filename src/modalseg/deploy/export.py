@@ -313,11 +313,9 @@ def export_run(
 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be {' or '.join(EXPORT_FORMATS)}, got {fmt!r}")
-    from modalseg.deploy.quantize import CALIBRATION_METHODS
+    from modalseg.deploy.quantize import check_calibration_method
 
-    if calibration_method not in CALIBRATION_METHODS:
-        raise ConfigError(f"--calibration-method must be one of {', '.join(CALIBRATION_METHODS)}, got "
-                          f"{calibration_method!r}")
+    check_calibration_method(calibration_method)  # before any export work
     model, output = Path(model), Path(output)
     check_export_folder(output)
     require_onnxruntime()  # every graph is checked with it before anything is written

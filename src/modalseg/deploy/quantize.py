@@ -41,12 +41,18 @@ if TYPE_CHECKING:
     from modalseg.training.model_meta import ModelMeta
 
 __all__ = ["CALIBRATION_METHODS", "CalibrationSlices", "RecordingBackend", "UniformBackend", "calibration_batches",
-           "label_agreement", "quantize_graph"]
+           "check_calibration_method", "label_agreement", "quantize_graph"]
 
 #: activation-range rules of the calibration (see the module docstring); ``auto`` (the default) tries the others
 CALIBRATION_METHODS = ("auto", "percentile", "minmax")
 #: the percentile of ``percentile`` calibration (ONNX Runtime's own default: 99.999)
 CALIBRATION_PERCENTILE = 99.99
+
+
+def check_calibration_method(method: str, what: str = "--calibration-method") -> None:
+    """One line naming ``what`` unless ``method`` is one of :data:`CALIBRATION_METHODS`."""
+    if method not in CALIBRATION_METHODS:
+        raise ConfigError(f"{what} must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
 
 
 class UniformBackend:
@@ -228,8 +234,7 @@ def quantize_graph(data: bytes, batches: Sequence[np.ndarray], *, check: Sequenc
     """
     from modalseg.deploy.onnx_backend import require_onnxruntime
 
-    if method not in CALIBRATION_METHODS:
-        raise ConfigError(f"the calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    check_calibration_method(method, "the calibration method")
     require_onnxruntime()
     if not batches:
         raise ConfigError("int8 quantization needs calibration slices", source)
